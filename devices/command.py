@@ -41,13 +41,19 @@ class Command:
             doc = json.loads(payload)
         except (ValueError, RecursionError):
             raise PayloadError("command is not valid JSON", device_id=device_id) from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not isinstance(doc.get("name"), str):
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("id"), str)
+            or not isinstance(doc.get("name"), str)
+        ):
             raise PayloadError("command needs string 'id' and 'name'", device_id=device_id)
         params = doc.get("params", {})
         if not isinstance(params, dict):
             raise PayloadError("command 'params' must be an object", device_id=device_id)
         ts = doc.get("ts", 0.0)
-        return cls(doc["id"], device_id, doc["name"], params, float(ts) if isinstance(ts, int | float) else 0.0)
+        return cls(
+            doc["id"], device_id, doc["name"], params, float(ts) if isinstance(ts, int | float) else 0.0
+        )
 
 
 @dataclass(frozen=True, slots=True)

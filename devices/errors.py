@@ -1,8 +1,8 @@
 """Errors raised by the pure device layer.
 
-    TidegateInputError            (bad input from a user or a device; carries where and what)
-     ├── PayloadError             a telemetry or ack payload that cannot be accepted
-     └── SourceFileError          a YAML file (config, rules) with one or more problems
+TidegateInputError            (bad input from a user or a device; carries where and what)
+ ├── PayloadError             a telemetry or ack payload that cannot be accepted
+ └── SourceFileError          a YAML file (config, rules) with one or more problems
 """
 
 from __future__ import annotations

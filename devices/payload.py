@@ -45,9 +45,7 @@ def _parse_int(text: str) -> int | float:
     return value
 
 
-_decoder = json.JSONDecoder(
-    parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant
-)
+_decoder = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant)
 
 
 def parse_timestamp(raw: object) -> float:
@@ -97,7 +95,9 @@ class PayloadDecoder:
         if not payload:
             raise PayloadError("empty payload", device_id=device_id)
         if len(payload) > self.max_bytes:
-            raise PayloadError(f"payload of {len(payload)} bytes exceeds {self.max_bytes}", device_id=device_id)
+            raise PayloadError(
+                f"payload of {len(payload)} bytes exceeds {self.max_bytes}", device_id=device_id
+            )
         try:
             text = payload.decode("utf-8")
             doc = _decoder.decode(text)
@@ -114,10 +114,14 @@ class PayloadDecoder:
                 raise PayloadError("empty batch", device_id=device_id)
             if len(doc) > self.max_batch:
                 raise PayloadError(f"batch of {len(doc)} exceeds {self.max_batch}", device_id=device_id)
-            return [self._event(device_id, item, received_at, index) for item in doc]
-        raise PayloadError(f"payload must be a JSON object or array, got {type(doc).__name__}", device_id=device_id)
+            return [self._event(device_id, item, received_at, i) for i, item in enumerate(doc)]
+        raise PayloadError(
+            f"payload must be a JSON object or array, got {type(doc).__name__}", device_id=device_id
+        )
 
-    def _event(self, device_id: str, doc: object, received_at: float, index: int | None = None) -> TelemetryEvent:
+    def _event(
+        self, device_id: str, doc: object, received_at: float, index: int | None = None
+    ) -> TelemetryEvent:
         at = "" if index is None else f"[{index}] "
         if not isinstance(doc, dict):
             raise PayloadError(f"{at}batch items must be JSON objects", device_id=device_id)
@@ -131,10 +135,14 @@ class PayloadDecoder:
                 except PayloadError as exc:
                     raise PayloadError(at + exc.reason, device_id=device_id) from None
                 if not MIN_TS <= ts <= received_at + MAX_FUTURE_SKEW:
-                    raise PayloadError(f"{at}ts {value!r} is outside the accepted time window", device_id=device_id)
+                    raise PayloadError(
+                        f"{at}ts {value!r} is outside the accepted time window", device_id=device_id
+                    )
             elif key == "seq":
                 if type(value) is not int or value < 0:
-                    raise PayloadError(f"{at}seq must be a non-negative integer, got {value!r}", device_id=device_id)
+                    raise PayloadError(
+                        f"{at}seq must be a non-negative integer, got {value!r}", device_id=device_id
+                    )
                 seq = value
             elif FIELD_NAME_RE.match(key) is None:
                 raise PayloadError(f"{at}field name {key[:80]!r} is not allowed", device_id=device_id)
@@ -142,7 +150,9 @@ class PayloadDecoder:
                 fields[key] = value
             elif isinstance(value, str):
                 if len(value) > self.max_string:
-                    raise PayloadError(f"{at}field {key!r}: string longer than {self.max_string}", device_id=device_id)
+                    raise PayloadError(
+                        f"{at}field {key!r}: string longer than {self.max_string}", device_id=device_id
+                    )
                 fields[key] = value
             else:
                 raise PayloadError(

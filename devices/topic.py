@@ -22,7 +22,9 @@ class TopicScheme:
     def __init__(self, template: str) -> None:
         segments = template.split("/")
         if segments.count(PLACEHOLDER) != 1 or template.count(PLACEHOLDER) != 1:
-            raise ValueError(f"topic template {template!r} must contain exactly one whole segment '{PLACEHOLDER}'")
+            raise ValueError(
+                f"topic template {template!r} must contain exactly one whole segment '{PLACEHOLDER}'"
+            )
         if any(c in template for c in "+#"):
             raise ValueError(f"topic template {template!r} must not contain MQTT wildcards")
         self.template = template

@@ -42,7 +42,9 @@ class LocatedDocument:
                     if key.value == item:
                         child = value
                         break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and 0 <= item < len(node.value):
+            elif (
+                isinstance(node, yaml.SequenceNode) and isinstance(item, int) and 0 <= item < len(node.value)
+            ):
                 child = node.value[item]
             if child is None:
                 break

@@ -1,0 +1,226 @@
+"""Wire the gateway together from settings and run it until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from devices.payload import PayloadDecoder
+from devices.topic import TopicScheme
+from gateway.commands import CommandDispatcher
+from gateway.config import (
+    InfluxV1Settings,
+    InfluxV2Settings,
+    NullSettings,
+    Settings,
+    SqliteSettings,
+    StoreSettings,
+)
+from gateway.ingest import TelemetryIngest
+from gateway.mqtt import MqttConnection, Subscription
+from gateway.rulefiles import read_rule_dir
+from gateway.store.base import Point, RejectedPointsError, Store
+from gateway.store.batcher import BatchWriter
+from rules import RuleEngine, RuleSet, build_rule_set
+
+log = logging.getLogger(__name__)
+ENGINE_TICK = 1.0  # how often timers (absence, `for:` durations) are advanced
+DRAIN_TIMEOUT = 10.0
+
+
+def open_store(settings: StoreSettings) -> Store:
+    """Create the store the settings describe."""
+    if isinstance(settings, InfluxV1Settings):
+        from gateway.store.influx_v1 import InfluxV1Store
+
+        return InfluxV1Store(
+            url=settings.url,
+            database=settings.database,
+            retention_policy=settings.retention_policy,
+            username=settings.username,
+            password=settings.password,
+            timeout=settings.timeout,
+            create_database=settings.create_database,
+        )
+    if isinstance(settings, InfluxV2Settings):
+        from gateway.store.influx_v2 import InfluxV2Store
+
+        return InfluxV2Store(
+            url=settings.url,
+            token=settings.token,
+            org=settings.org,
+            bucket=settings.bucket,
+            timeout=settings.timeout,
+        )
+    if isinstance(settings, SqliteSettings):
+        from gateway.store.sqlite import SqliteStore
+
+        return SqliteStore(settings.path)
+    assert isinstance(settings, NullSettings)
+    from gateway.store.memory import NullStore
+
+    return NullStore()
+
+
+def load_rules(settings: Settings) -> RuleSet:
+    """Read the configured rule directory, or return an empty rule set."""
+    if settings.rules.dir is None:
+        return build_rule_set({})
+    return read_rule_dir(settings.rules.dir)
+
+
+class Gateway:
+    """The running gateway: MQTT in, rules, batched store writes, commands out.
+
+    Args:
+        settings: validated configuration.
+        rule_set: rules to run (default: read from `settings.rules.dir`).
+        store: the store to write to (default: opened from `settings.store`).
+        clock: epoch seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        rule_set: RuleSet | None = None,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.store = store if store is not None else open_store(settings.store)
+        self.engine = RuleEngine(rule_set if rule_set is not None else load_rules(settings))
+        batch = settings.batch
+        self.writer = BatchWriter(
+            self.store,
+            batch_size=batch.size,
+            flush_interval=batch.flush_interval,
+            max_pending=batch.max_pending,
+            on_rejected=self._on_rejected,
+        )
+        topics = settings.mqtt.topics
+        telemetry = TopicScheme(topics.telemetry)
+        self._acks = TopicScheme(topics.command_acks)
+        mqtt = settings.mqtt
+        self.mqtt = MqttConnection(
+            host=mqtt.host,
+            port=mqtt.port,
+            client_id=mqtt.client_id,
+            protocol=mqtt.protocol,
+            username=mqtt.username,
+            password=mqtt.password,
+            keepalive=mqtt.keepalive,
+            session_expiry=mqtt.session_expiry,
+            receive_maximum=mqtt.receive_maximum,
+            reconnect_min_delay=mqtt.reconnect_min_delay,
+            reconnect_max_delay=mqtt.reconnect_max_delay,
+            subscriptions=[
+                Subscription(telemetry.subscription, 1, self._on_telemetry),
+                Subscription(self._acks.subscription, 1, self._on_command_ack),
+            ],
+        )
+        self.commands = CommandDispatcher(
+            channel=self.mqtt,
+            topics=TopicScheme(topics.commands),
+            record=self._record,
+            clock=clock,
+            ack_timeout=settings.commands.ack_timeout,
+            max_pending=settings.commands.max_pending,
+        )
+        self.ingest = TelemetryIngest(
+            topics=telemetry,
+            decoder=PayloadDecoder(max_bytes=settings.ingest.max_payload_bytes, max_batch=settings.ingest.max_batch),
+            engine=self.engine,
+            sink=self.writer,
+            commands=self.commands,
+            mqtt=self.mqtt,
+            dead_letter_topic=topics.dead_letter,
+            dead_letter_max_bytes=settings.ingest.dead_letter_max_bytes,
+            clock=clock,
+        )
+        self.points_rejected = 0
+        self.ready = asyncio.Event()
+
+    def _on_telemetry(self, message: Any) -> None:
+        self.ingest.on_message(message)
+
+    def _on_command_ack(self, message: Any) -> None:
+        device_id = self._acks.device_id(message.topic)
+        if device_id is not None:
+            self.commands.handle_ack(device_id, message.payload)
+        generation = self.mqtt.generation
+        # ack after the outcome record is written, like telemetry
+        self.writer.add([], lambda: self.mqtt.ack(message.mid, message.qos, generation))
+
+    def _record(self, point: Point) -> None:
+        self.writer.add([point])
+
+    def _on_rejected(self, error: RejectedPointsError) -> None:
+        self.points_rejected += len(error.rejected)
+        log.error("store rejected %d point(s): %s", len(error.rejected), error.reason)
+
+    async def _tick_engine(self) -> None:
+        while True:
+            await asyncio.sleep(ENGINE_TICK)
+            actions = self.engine.advance(self._clock())
+            if actions:
+                points: list[Point] = []
+                self.ingest.execute(actions, points)
+                self.writer.add(points)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then drain: stop reading, write what is pending, disconnect."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self.writer.run(), name="batch-writer")
+                tasks = [
+                    group.create_task(self.mqtt.run(), name="mqtt"),
+                    group.create_task(self.commands.run(), name="commands"),
+                    group.create_task(self.ingest.run_backpressure(), name="backpressure"),
+                    group.create_task(self._tick_engine(), name="engine-timers"),
+                ]
+                self.ready.set()
+                await stop.wait()
+                log.info("stopping: flushing pending writes")
+                self.mqtt.pause_reading()
+                try:
+                    # acks for everything written go out before we disconnect; what cannot be written
+                    # in time stays unacked, and the broker redelivers it to our session on restart
+                    await asyncio.wait_for(self.writer.close(), timeout=DRAIN_TIMEOUT)
+                except TimeoutError:
+                    log.warning("store did not take pending points within %ss; the broker keeps them", DRAIN_TIMEOUT)
+                    writer.cancel()
+                await self.mqtt.disconnect()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            await self.store.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the gateway's counters as plain data (for status, metrics and the demo)."""
+        ingest, commands = self.ingest.stats, self.commands.stats
+        return {
+            "received": ingest.received,
+            "written": ingest.written,
+            "rejected": ingest.rejected,
+            "events": ingest.events,
+            "stored": ingest.events_written,
+            "alerts": ingest.alerts_raised + ingest.alerts_cleared,
+            "alerts_raised": ingest.alerts_raised,
+            "alerts_cleared": ingest.alerts_cleared,
+            "commands_sent": commands.sent,
+            "commands_acked": commands.acked_ok + commands.acked_error,
+            "commands_failed": commands.acked_error,
+            "commands_timed_out": commands.timed_out,
+            "commands_rejected": commands.rejected,
+            "points_rejected": self.points_rejected,
+            "store_retries": self.writer.retries,
+            "mqtt_connected": self.mqtt.connected.is_set(),
+            "mqtt_reconnects": max(self.mqtt.stats.connects - 1, 0),
+            "sessions_lost": self.mqtt.stats.sessions_lost,
+            "backpressure_pauses": ingest.backpressure_pauses,
+        }

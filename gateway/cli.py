@@ -1,0 +1,326 @@
+"""The `tidegate` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from devices.errors import SourceFileError
+
+log = logging.getLogger("tidegate")
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?\Z")
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse `30`, `30s`, `5m`, `2h`, `1d`, `250ms` into seconds."""
+    match = DURATION_RE.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 30s, 5m, 2h")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+
+async def _until_signalled(work: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
+    """Run `work(stop)`; SIGINT and SIGTERM set `stop` so the work can drain and return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await work(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _print_problems(error: SourceFileError) -> int:
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{len(error.problems)} problem(s) found", file=sys.stderr)
+    return 1
+
+
+# -- subcommands --------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+    from gateway.config import load_settings
+
+    settings = load_settings(args.config)
+    _setup_logging(settings.log_level)
+    gateway = Gateway(settings)
+    log.info("tidegate %s: broker %s, store %s", _version(), settings.mqtt.url, settings.store.kind)
+    asyncio.run(_until_signalled(gateway.run))
+    log.info("stopped: %s", json.dumps(gateway.snapshot()))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from gateway.config import load_settings, redacted
+
+    settings = load_settings(args.file)
+    print(f"{args.file}: ok")
+    if args.show:
+        print(json.dumps(redacted(settings), indent=2))
+    return 0
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from gateway.rulefiles import read_rule_dir
+
+    rule_set = read_rule_dir(Path(args.dir))
+    print(f"{args.dir}: {len(rule_set.rules)} rule(s) ok")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    _setup_logging("WARNING" if not args.verbose else "INFO")
+    live = sys.stdout.isatty() and not args.json
+
+    async def demo(stop: asyncio.Event) -> dict[str, Any]:
+        return await run_demo(
+            duration=args.duration,
+            devices=args.devices,
+            rate=args.rate,
+            workdir=Path(args.dir),
+            live_view=live,
+            stop=stop,
+            seed=args.seed,
+        )
+
+    if not live and not args.json:
+        print(f"running the demo{f' for {args.duration:g}s' if args.duration else ''} (Ctrl-C stops it) ...")
+    summary = asyncio.run(_until_signalled(demo))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print()
+        for key in ("received", "stored", "rejected", "alerts", "commands_sent", "commands_acked"):
+            print(f"  {key:<16} {summary[key]}")
+        print(f"\nData is in {summary['store']}. Read it back with, for example:")
+        print(f"  tidegate query --sqlite {summary['store']} --field temperature --every 10s --agg mean")
+        print(f"  tidegate query --sqlite {summary['store']} --measurement alerts")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator import run_simulation
+
+    _setup_logging("INFO" if args.verbose else "WARNING")
+
+    async def simulate(stop: asyncio.Event) -> Any:
+        task = asyncio.create_task(
+            run_simulation(args.broker, devices=args.devices, rate=args.rate, duration=args.duration, seed=args.seed)
+        )
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.wait({task})
+        return None if task.cancelled() else task.result()
+
+    summary = asyncio.run(_until_signalled(simulate))
+    if summary is not None:
+        print(json.dumps(summary.as_dict() if hasattr(summary, "as_dict") else vars(summary), default=str))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from gateway.app import open_store
+    from gateway.config import SqliteSettings, load_settings
+    from gateway.store.base import Query
+
+    store_settings = (
+        SqliteSettings(kind="sqlite", path=Path(args.sqlite)) if args.sqlite else load_settings(args.config).store
+    )
+    if args.sqlite and not Path(args.sqlite).exists():
+        print(f"error: {args.sqlite}: no such file", file=sys.stderr)
+        return 1
+    now = time.time()
+    query = Query(
+        measurement=args.measurement,
+        device_id=args.device,
+        fields=tuple(args.field or ()),
+        start=now - args.since if args.since else None,
+        end=now - args.until if args.until else None,
+        every=args.every,
+        aggregate=args.agg if args.every else None,
+        limit=args.limit,
+    )
+
+    async def read() -> list[Any]:
+        store = open_store(store_settings)
+        try:
+            return await store.query(query)
+        finally:
+            await store.close()
+
+    rows = asyncio.run(read())
+    if args.json:
+        for row in rows:
+            print(json.dumps({"ts": row.ts, **row.tags, **row.fields}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.measurement}: {len(rows)} row(s)")
+    tag_names = sorted({k for r in rows for k in r.tags})
+    field_names = sorted({k for r in rows for k in r.fields})
+    for column in ["time", *tag_names, *field_names]:
+        table.add_column(column)
+    for row in rows:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.ts)) + f".{int(row.ts * 1000) % 1000:03d}"
+        values = [_cell(row.fields.get(f)) for f in field_names]
+        table.add_row(stamp, *[row.tags.get(t, "") for t in tag_names], *values)
+    Console().print(table)
+    return 0
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    return "" if value is None else str(value)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tidegate")
+    except PackageNotFoundError:
+        return "dev"
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="tidegate",
+        description="IoT telemetry gateway: MQTT in, rules, InfluxDB out, commands back to devices.",
+        epilog="Start with `tidegate demo`. Each subcommand has its own --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway", description="Run the gateway until SIGINT or SIGTERM.")
+    run.add_argument("-c", "--config", metavar="FILE", help="YAML config (default: built-in defaults + env)")
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="work with configuration files")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        help="validate a config file",
+        description="Validate a config file (plus TIDEGATE_* environment overrides) and list every problem.",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--show", action="store_true", help="print the resulting settings (secrets masked)")
+    check.set_defaults(func=cmd_config_check)
+
+    rules = sub.add_parser("rules", help="work with rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rcheck = rules_sub.add_parser(
+        "check", help="validate rule files", description="Validate every rule file in DIR; exit 1 on any error."
+    )
+    rcheck.add_argument("dir", metavar="DIR", help="a directory of *.yaml rule files, or one file")
+    rcheck.set_defaults(func=cmd_rules_check)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run broker, gateway, store and simulated devices on this machine",
+        description=(
+            "Run everything on one machine: an embedded MQTT broker (mosquitto if on PATH, else amqtt), "
+            "the gateway writing to a local SQLite store, a sample rule file, and simulated greenhouses "
+            "that the rule cools with fan commands. Prints a summary at the end."
+        ),
+    )
+    demo.add_argument("--duration", type=parse_duration, default=None, help="stop after this long, e.g. 30s")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.add_argument("--devices", type=_positive_int, default=5, help="simulated devices (default 5)")
+    demo.add_argument("--rate", type=_positive_float, default=2.0, help="messages/s per device (default 2)")
+    demo.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
+    demo.add_argument("--dir", default="tidegate-demo", help="where the SQLite store goes (default ./tidegate-demo)")
+    demo.add_argument("-v", "--verbose", action="store_true", help="log gateway activity to stderr")
+    demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run simulated devices against a broker",
+        description="Run N simulated devices that publish telemetry with sequence numbers and obey commands.",
+    )
+    sim.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT")
+    sim.add_argument("--devices", type=_positive_int, default=10, help="number of devices (default 10)")
+    sim.add_argument("--rate", type=_positive_float, default=1.0, help="messages/s per device (default 1)")
+    sim.add_argument("--duration", type=parse_duration, default=None, help="stop after this long")
+    sim.add_argument("--seed", type=int, default=None, help="seed for deterministic signals")
+    sim.add_argument("-v", "--verbose", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+
+    query = sub.add_parser(
+        "query",
+        help="read telemetry, alerts or commands back from the store",
+        description="Read points back from the configured store (InfluxDB or the local SQLite file).",
+    )
+    source = query.add_mutually_exclusive_group()
+    source.add_argument("-c", "--config", metavar="FILE", help="YAML config naming the store")
+    source.add_argument("--sqlite", metavar="PATH", help="read a local SQLite store directly")
+    query.add_argument("--measurement", default="telemetry", choices=["telemetry", "alerts", "commands"])
+    query.add_argument("--device", help="one device id")
+    query.add_argument("--field", action="append", help="a field to read (repeatable; default all)")
+    query.add_argument("--since", type=parse_duration, default=None, help="how far back, e.g. 1h")
+    query.add_argument("--until", type=parse_duration, default=None, help="end this long ago")
+    query.add_argument("--every", type=parse_duration, default=None, help="aggregate per interval, e.g. 1m")
+    query.add_argument("--agg", default="mean", choices=["mean", "min", "max", "sum", "count", "first", "last"])
+    query.add_argument("--limit", type=_positive_int, default=1000)
+    query.add_argument("--json", action="store_true", help="one JSON object per row")
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tidegate` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SourceFileError as exc:
+        return _print_problems(exc)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Gateway configuration: one YAML file, validated by pydantic, overridable from the environment.
+
+Environment variables override file values: `TIDEGATE_<SECTION>__<KEY>` (double underscore between
+levels), e.g. `TIDEGATE_MQTT__URL=mqtt://broker:1883` or `TIDEGATE_STORE__PASSWORD=...`. Secrets are
+`SecretStr`: they print as `**********` and never reach logs or error messages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from devices.errors import Problem, SourceFileError
+from devices.topic import TopicScheme
+from devices.yamlsource import LocatedDocument, format_path
+
+ENV_PREFIX = "TIDEGATE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicSettings(_Section):
+    """MQTT topic templates; each contains one `{device_id}` segment (the dead-letter topic none)."""
+
+    telemetry: str = "devices/{device_id}/telemetry"
+    commands: str = "devices/{device_id}/commands"
+    command_acks: str = "devices/{device_id}/commands/ack"
+    dead_letter: str = "tidegate/dead-letter"
+
+    @field_validator("telemetry", "commands", "command_acks")
+    @classmethod
+    def _one_placeholder(cls, value: str) -> str:
+        TopicScheme(value)  # raises ValueError with a clear message
+        return value
+
+
+class MqttSettings(_Section):
+    """How tidegate connects to the broker."""
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT")
+    client_id: str = Field("tidegate", min_length=1, max_length=64)
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    # MQTT 5: how long the broker keeps our session (and queued messages) while we are away.
+    session_expiry: int = Field(86_400, ge=0)
+    # MQTT 5 Receive Maximum: unacked QoS 1 messages the broker may send us. We ack only after a
+    # batch is written, so this must exceed the batch size or throughput collapses.
+    receive_maximum: int = Field(65_535, ge=1, le=65_535)
+    reconnect_min_delay: float = Field(0.5, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+    topics: TopicSettings = TopicSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError("expected mqtt://HOST[:PORT]")
+        if parts.port is None and ":" in parts.netloc.rsplit("]", 1)[-1]:
+            raise ValueError("invalid port")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Broker host name."""
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        """Broker port (1883 when the URL has none)."""
+        return urlsplit(self.url).port or 1883
+
+
+class InfluxV1Settings(_Section):
+    """InfluxDB 1.x HTTP API (also InfluxDB 3's v1 compatibility endpoints)."""
+
+    kind: Literal["influxdb_v1"]
+    url: str = "http://127.0.0.1:8086"
+    database: str = "tidegate"
+    retention_policy: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    create_database: bool = False
+    timeout: float = Field(10.0, gt=0)
+
+
+class InfluxV2Settings(_Section):
+    """InfluxDB v2 API (InfluxDB 2.x, Cloud, 1.8+ and 3.x writes)."""
+
+    kind: Literal["influxdb_v2"]
+    url: str = "http://127.0.0.1:8086"
+    token: SecretStr
+    org: str
+    bucket: str
+    timeout: float = Field(10.0, gt=0)
+
+
+class SqliteSettings(_Section):
+    """The embedded local store: a SQLite file, for trying tidegate without InfluxDB."""
+
+    kind: Literal["sqlite"]
+    path: Path = Path("tidegate.db")
+
+
+class NullSettings(_Section):
+    """Discard everything (benchmarks)."""
+
+    kind: Literal["null"]
+
+
+StoreSettings = Annotated[
+    InfluxV1Settings | InfluxV2Settings | SqliteSettings | NullSettings, Field(discriminator="kind")
+]
+
+
+class BatchSettings(_Section):
+    """How writes are batched. A message is acknowledged to the broker only once its batch is written."""
+
+    size: int = Field(5_000, ge=1)
+    flush_interval: float = Field(1.0, gt=0)
+    max_pending: int = Field(50_000, ge=1)
+
+
+class IngestSettings(_Section):
+    """Limits applied to device payloads before and while parsing."""
+
+    max_payload_bytes: int = Field(65_536, ge=64)
+    max_batch: int = Field(1_000, ge=1)
+    dead_letter_max_bytes: int = Field(1_024, ge=0)
+
+
+class RulesSettings(_Section):
+    """Where rule files live."""
+
+    dir: Path | None = None
+
+
+class CommandSettings(_Section):
+    """Command delivery."""
+
+    ack_timeout: float = Field(30.0, gt=0)
+    max_pending: int = Field(10_000, ge=1)
+
+
+class Settings(_Section):
+    """The whole gateway configuration."""
+
+    mqtt: MqttSettings = MqttSettings()
+    store: StoreSettings = SqliteSettings(kind="sqlite")
+    batch: BatchSettings = BatchSettings()
+    ingest: IngestSettings = IngestSettings()
+    rules: RulesSettings = RulesSettings()
+    commands: CommandSettings = CommandSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = overrides
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_path(overrides: Mapping[str, Any], path: list[str | int]) -> bool:
+    node: Any = overrides
+    for item in path:
+        if not isinstance(node, Mapping) or item not in node:
+            return False
+        node = node[item]
+    return True
+
+
+def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    updates: dict[str, Any] = {}
+    if settings.rules.dir is not None and not settings.rules.dir.is_absolute():
+        updates["rules"] = settings.rules.model_copy(update={"dir": base_dir / settings.rules.dir})
+    if isinstance(settings.store, SqliteSettings) and not settings.store.path.is_absolute():
+        updates["store"] = settings.store.model_copy(update={"path": base_dir / settings.store.path})
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate the configuration, listing every problem with its location.
+
+    Args:
+        path: the YAML file, or None for defaults plus environment.
+        environ: the environment to read overrides from (default: os.environ).
+
+    Raises:
+        SourceFileError: the file or the environment has problems; all are listed.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None:
+        doc = None
+        data: Any = {}
+        base_dir = Path.cwd()
+        file = "<defaults>"
+    else:
+        file = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SourceFileError([Problem(file, None, None, "", f"cannot read: {exc.strerror}")]) from None
+        doc = LocatedDocument(text, file)
+        data = doc.data if doc.data is not None else {}
+        base_dir = Path(path).resolve().parent
+        if not isinstance(data, dict):
+            raise SourceFileError([doc.problem([], "expected a mapping of sections (mqtt, store, ...)")])
+    overrides = _env_overrides(environ)
+    try:
+        settings = Settings.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            loc = [p for p in error["loc"] if isinstance(p, str | int)]
+            # a discriminated union adds the tag ("influxdb_v1") to the location; it is not a key
+            if (
+                loc
+                and loc[0] == "store"
+                and len(loc) > 1
+                and str(loc[1]) in ("influxdb_v1", "influxdb_v2", "sqlite", "null")
+            ):
+                loc = [loc[0], *loc[2:]]
+            value = error.get("input")
+            secret = any(str(p) in ("password", "token") for p in loc)
+            shown = "" if secret or isinstance(value, dict | list) or value is None else f" (got {value!r})"
+            if _env_path(overrides, loc):
+                env_name = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+                problems.append(
+                    Problem(f"environment {env_name}", None, None, format_path(loc), error["msg"] + shown)
+                )
+            elif doc is not None:
+                problems.append(doc.problem(loc, error["msg"] + shown))
+            else:
+                problems.append(Problem(file, None, None, format_path(loc), error["msg"] + shown))
+        raise SourceFileError(problems) from None
+    return _resolve_paths(settings, base_dir)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """Return the settings as plain data with secrets masked, for display."""
+    return settings.model_dump(mode="json")

@@ -1,0 +1,191 @@
+"""Telemetry ingest: the per-message hot path from an MQTT message to rules, store and commands.
+
+A message is acknowledged to the broker only after every point it produced is written (the batch
+writer calls back in order). A payload that cannot be accepted is counted, logged with its reason,
+published (truncated) to the dead-letter topic, and acknowledged in order so it is not redelivered
+forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from devices.errors import PayloadError
+from devices.event import TelemetryEvent
+from devices.payload import PayloadDecoder
+from devices.topic import TopicScheme
+from gateway.commands import CommandDispatcher
+from gateway.records import alert_point, telemetry_point
+from gateway.store.base import Point
+from rules.action import Action, RecordAlert
+from rules.engine import RuleEngine
+
+log = logging.getLogger(__name__)
+
+
+class Message(Protocol):
+    """The parts of an MQTT message ingest needs (paho's MQTTMessage has them)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class Acknowledger(Protocol):
+    """The MQTT side ingest needs: acks, a connection generation, and backpressure."""
+
+    generation: int
+
+    def ack(self, mid: int, qos: int, generation: int) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+
+
+class PointSink(Protocol):
+    """The batch writer, as ingest sees it."""
+
+    @property
+    def is_full(self) -> bool: ...
+
+    def add(self, points: list[Point], on_written: Callable[[], None] | None = None) -> None: ...
+
+    async def wait_until_not_full(self) -> None: ...
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Message and event counts since start."""
+
+    received: int = 0  # telemetry messages delivered by the broker
+    written: int = 0  # messages whose points are all in the store (and were acked)
+    rejected: int = 0  # messages refused with a reason (dead-lettered)
+    events: int = 0  # telemetry events decoded
+    events_written: int = 0
+    alerts_raised: int = 0
+    alerts_cleared: int = 0
+    dead_letter_failures: int = 0
+    backpressure_pauses: int = 0
+
+
+class TelemetryIngest:
+    """Turn telemetry messages into stored points, alerts and commands."""
+
+    def __init__(
+        self,
+        *,
+        topics: TopicScheme,
+        decoder: PayloadDecoder,
+        engine: RuleEngine,
+        sink: PointSink,
+        commands: CommandDispatcher,
+        mqtt: Acknowledger,
+        dead_letter_topic: str,
+        dead_letter_max_bytes: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._topics = topics
+        self._decoder = decoder
+        self._engine = engine
+        self._sink = sink
+        self._commands = commands
+        self._mqtt = mqtt
+        self._dead_letter_topic = dead_letter_topic
+        self._dead_letter_max_bytes = dead_letter_max_bytes
+        self._clock = clock
+        self._paused = asyncio.Event()
+        self.stats = IngestStats()
+        self.latest: dict[str, TelemetryEvent] = {}  # last event per device, for status views
+
+    def on_message(self, message: Message) -> None:
+        """Handle one telemetry message (called by paho on the event loop thread)."""
+        stats = self.stats
+        stats.received += 1
+        now = self._clock()
+        topic = message.topic
+        device_id = self._topics.device_id(topic)
+        try:
+            if device_id is None:
+                raise PayloadError(f"topic {topic[:120]!r} does not match {self._topics.template!r}")
+            events = self._decoder.decode(device_id, message.payload, now)
+        except PayloadError as exc:
+            self._reject(message, topic, device_id, exc.reason, now)
+            return
+        points: list[Point] = []
+        for event in events:
+            self.latest[device_id] = event
+            points.append(telemetry_point(event))
+            actions = self._engine.process(event, now)
+            if actions:
+                self.execute(actions, points)
+        stats.events += len(events)
+        self._sink.add(points, self._ack_after_write(message.mid, message.qos, len(events)))
+        if self._sink.is_full:
+            self._pause()
+
+    def execute(self, actions: Sequence[Action], points: list[Point]) -> None:
+        """Carry out rule actions: commands are sent now, alert records are appended to `points`."""
+        for action in actions:
+            if isinstance(action, RecordAlert):
+                if action.state == "raised":
+                    self.stats.alerts_raised += 1
+                else:
+                    self.stats.alerts_cleared += 1
+                points.append(alert_point(action))
+            else:
+                self._commands.send(action.device_id, action.name, action.params, rule_id=action.rule_id)
+
+    def _ack_after_write(self, mid: int, qos: int, events: int) -> Callable[[], None]:
+        generation = self._mqtt.generation
+
+        def written() -> None:
+            self.stats.written += 1
+            self.stats.events_written += events
+            self._mqtt.ack(mid, qos, generation)
+
+        return written
+
+    def _reject(self, message: Message, topic: str, device_id: str | None, reason: str, now: float) -> None:
+        self.stats.rejected += 1
+        log.warning("rejected message on %r: %s", topic[:120], reason)
+        payload = message.payload[: self._dead_letter_max_bytes]
+        record = {
+            "topic": topic,
+            "device_id": device_id,
+            "reason": reason,
+            "received_at": now,
+            "payload_bytes": len(message.payload),
+            "payload": payload.decode("utf-8", errors="replace"),
+        }
+        try:
+            self._mqtt.publish(self._dead_letter_topic, json.dumps(record).encode(), qos=1)
+        except Exception as exc:  # publishing failed: the log line above is then the only record
+            self.stats.dead_letter_failures += 1
+            log.error("could not publish to dead-letter topic: %s", exc)
+        # Acked through the writer so acks leave in the order messages arrived.
+        generation = self._mqtt.generation
+        self._sink.add([], lambda: self._mqtt.ack(message.mid, message.qos, generation))
+
+    def _pause(self) -> None:
+        self.stats.backpressure_pauses += 1
+        self._mqtt.pause_reading()
+        self._paused.set()
+
+    async def run_backpressure(self) -> None:
+        """Resume reading once the writer has room again; runs until cancelled."""
+        while True:
+            await self._paused.wait()
+            await self._sink.wait_until_not_full()
+            self._paused.clear()
+            self._mqtt.resume_reading()

@@ -1,0 +1,327 @@
+"""paho-mqtt driven from the asyncio event loop, with manual acks and a reconnect loop.
+
+Why paho and not aiomqtt here: aiomqtt PUBACKs a QoS 1 message before our code sees it and creates a
+Task per message; paho 2.x offers manual acks and, driven by `add_reader`/`add_writer` on our own loop
+(as Home Assistant's MQTT integration does), costs no thread hop and no per-message Task.
+
+Acks are only sent on the connection that received the message: after a reconnect the broker
+redelivers whatever we had not acked, so a stale ack is dropped rather than risk acking a reused
+packet id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import SecretStr
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[paho.MQTTMessage], None]
+MISC_INTERVAL = 1.0  # paho's loop_misc drives keepalive pings; once a second is what paho itself does
+MAX_OUTGOING_QUEUE = 10_000  # QoS 1 publishes held while disconnected; beyond this publish() fails loudly
+
+
+class MqttPublishError(Exception):
+    """A publish could not be queued (disconnected with a full queue, or the topic is invalid)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A topic filter, its QoS, and the handler for messages that match it."""
+
+    topic_filter: str
+    qos: int
+    handler: MessageHandler
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    """What happened to the connection so far."""
+
+    connects: int = 0
+    disconnects: int = 0
+    sessions_lost: int = 0  # connected with session_present = 0 after having had a session
+    last_error: str = ""
+
+
+class MqttConnection:
+    """One MQTT client connection with a persistent session, driven by the running event loop.
+
+    Args:
+        host, port: the broker.
+        client_id: fixed, so the broker can keep our session between connections.
+        protocol: "5" or "3.1.1".
+        session_expiry: MQTT 5 session expiry in seconds (3.1.1 uses clean_session=False instead).
+        receive_maximum: MQTT 5 Receive Maximum (unacked messages in flight towards us).
+        manual_ack: ack QoS 1 messages only when `ack()` is called.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        subscriptions: Sequence[Subscription],
+        protocol: str = "5",
+        username: str | None = None,
+        password: SecretStr | None = None,
+        keepalive: int = 30,
+        session_expiry: int = 86_400,
+        receive_maximum: int = 65_535,
+        reconnect_min_delay: float = 0.5,
+        reconnect_max_delay: float = 30.0,
+        manual_ack: bool = True,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self._subscriptions = list(subscriptions)
+        self._mqtt5 = protocol == "5"
+        self._keepalive = keepalive
+        self._session_expiry = session_expiry
+        self._receive_maximum = receive_maximum
+        self._min_delay, self._max_delay = reconnect_min_delay, reconnect_max_delay
+        self.stats = ConnectionStats()
+        self.generation = 0  # bumped on every successful CONNACK; acks carry the generation they belong to
+        self.connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._ended: asyncio.Event | None = None
+        self._sock_fd: int | None = None
+        self._paused = False
+        self._had_session = False
+        self._closing = False
+
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self._mqtt5 else paho.MQTTv311,
+            clean_session=None if self._mqtt5 else False,
+            manual_ack=manual_ack,
+        )
+        if username is not None:
+            client.username_pw_set(username, password.get_secret_value() if password else None)
+        client.max_inflight_messages_set(100)  # our outgoing QoS 1 window (commands)
+        client.max_queued_messages_set(MAX_OUTGOING_QUEUE)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        for sub in self._subscriptions:
+            client.message_callback_add(sub.topic_filter, self._wrap(sub.handler))
+        client.on_message = self._on_unexpected_message
+        self._client = client
+
+    # -- public API -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, and reconnect with backoff and jitter, until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._ended = asyncio.Event()
+        misc = asyncio.create_task(self._misc_loop(), name="mqtt-misc")
+        try:
+            delay = self._min_delay
+            first = True
+            while not self._closing:
+                self._ended.clear()
+                generation_before = self.generation
+                try:
+                    await self._loop.run_in_executor(None, self._connect_blocking, first)
+                    first = False
+                except (OSError, ValueError) as exc:
+                    self.stats.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
+                    log.warning("%s; retrying in up to %.1fs", self.stats.last_error, delay)
+                else:
+                    await self._ended.wait()  # set on disconnect, refused CONNACK or keepalive timeout
+                if self._closing:
+                    break
+                if self.generation != generation_before:
+                    delay = self._min_delay  # we were connected: a fresh outage starts a fresh backoff
+                # jitter spreads the reconnects of many clients after a broker restart
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self._max_delay)
+        finally:
+            misc.cancel()
+            await asyncio.gather(misc, return_exceptions=True)
+
+    async def disconnect(self) -> None:
+        """Disconnect cleanly; the broker keeps our session (and queues for us) until it expires."""
+        self._closing = True
+        if self.connected.is_set():
+            self._client.disconnect()
+            if self._ended is not None:
+                try:
+                    await asyncio.wait_for(self._ended.wait(), timeout=5)
+                except TimeoutError:
+                    log.warning("broker did not close the connection within 5s")
+        self._close_socket()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue a publish; paho sends it now or after the next reconnect (QoS 1).
+
+        Raises:
+            MqttPublishError: the outgoing queue is full or the topic is invalid.
+        """
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise MqttPublishError(f"cannot publish to {topic!r}: {exc}") from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise MqttPublishError(f"outgoing queue full ({MAX_OUTGOING_QUEUE}) while disconnected")
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise MqttPublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+
+    def ack(self, mid: int, qos: int, generation: int) -> None:
+        """PUBACK a message if it arrived on the current connection (else the broker redelivers it)."""
+        if qos and generation == self.generation and self.connected.is_set():
+            self._client.ack(mid, qos)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket so the broker holds further messages (backpressure)."""
+        if not self._paused and self._sock_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock_fd)
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        """Read the socket again after `pause_reading`."""
+        if self._paused and self._sock_fd is not None and self._loop is not None:
+            self._loop.add_reader(self._sock_fd, self._client.loop_read)
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        """True while reading is paused for backpressure."""
+        return self._paused
+
+    # -- paho plumbing ----------------------------------------------------------------------------
+
+    def _connect_blocking(self, first: bool) -> None:
+        # Runs in a worker thread: paho's connect resolves and opens the TCP socket synchronously.
+        if first:
+            properties = None
+            if self._mqtt5:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = self._session_expiry
+                properties.ReceiveMaximum = self._receive_maximum
+            self._client.connect(
+                self.host,
+                self.port,
+                keepalive=self._keepalive,
+                clean_start=False if self._mqtt5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=properties,
+            )
+        else:
+            self._client.reconnect()
+
+    def _call_in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        self._call_in_loop(self._register_socket, sock.fileno())
+
+    def _register_socket(self, fd: int) -> None:
+        assert self._loop is not None
+        self._sock_fd = fd
+        if not self._paused:
+            self._loop.add_reader(fd, self._client.loop_read)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho calls this just before closing the socket, on the loop thread (reads) or in our
+        # connect thread (reconnect after a failed attempt, before any reader was added).
+        self._call_in_loop(self._close_socket)
+
+    def _close_socket(self) -> None:
+        if self._sock_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock_fd)
+            self._loop.remove_writer(self._sock_fd)
+        self._sock_fd = None
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._add_writer, sock.fileno())
+
+    def _add_writer(self, fd: int) -> None:
+        assert self._loop is not None
+        if fd == self._sock_fd:
+            self._loop.add_writer(fd, self._client.loop_write)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        fd = sock.fileno()
+        self._call_in_loop(self._remove_writer, fd)
+
+    def _remove_writer(self, fd: int) -> None:
+        assert self._loop is not None
+        if fd >= 0:
+            self._loop.remove_writer(fd)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self.stats.last_error = f"broker refused the connection: {reason}"
+            log.error("%s (client id %s)", self.stats.last_error, self.client_id)
+            return
+        self.generation += 1
+        self.stats.connects += 1
+        self.stats.last_error = ""
+        session_present = bool(flags.session_present)
+        if self._had_session and not session_present:
+            # The broker forgot us (expired session, broker lost its state): messages queued for us
+            # while we were away are gone. Record it; the gap shows up in per-device seq checks.
+            self.stats.sessions_lost += 1
+            log.warning("MQTT session was not resumed (session_present=0): messages may have been lost")
+        self._had_session = True
+        log.info("connected to %s:%s (session present: %s)", self.host, self.port, session_present)
+        # Subscribe every time: harmless when the session kept them, required when it did not.
+        result, _ = client.subscribe([(s.topic_filter, s.qos) for s in self._subscriptions])
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.error("subscribe failed: %s", paho.error_string(result))
+        self.connected.set()
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        if was_connected:
+            self.stats.disconnects += 1
+            if not self._closing:
+                self.stats.last_error = f"connection lost: {reason}"
+                log.warning("disconnected from %s:%s: %s", self.host, self.port, reason)
+        if self._ended is not None:
+            self._ended.set()
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MISC_INTERVAL)
+            self._client.loop_misc()
+
+    def _wrap(self, handler: MessageHandler) -> Callable[[paho.Client, Any, paho.MQTTMessage], None]:
+        def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+            handler(message)
+
+        return on_message
+
+    def _on_unexpected_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        # A message matching none of our filters (e.g. left over from an old session): ack and drop.
+        log.debug("ignoring message on unexpected topic %r", message.topic)
+        self.ack(message.mid, message.qos, self.generation)

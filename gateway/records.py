@@ -1,0 +1,68 @@
+"""The storage schema: how events, alerts and command outcomes become points.
+
+| measurement | tags                                   | fields                                                |
+|-------------|----------------------------------------|-------------------------------------------------------|
+| telemetry   | device                                 | one per metric (float, int, bool, string); seq (int)  |
+| alerts      | device, rule, severity, state          | message (string); the values that caused it           |
+| commands    | device, name, status, rule             | id, params (JSON text), detail (string), latency_ms   |
+
+`state` is `raised` or `cleared`; command `status` is `sent`, `ok`, `error`, `timed_out` or `rejected`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from devices.event import FieldValue, TelemetryEvent
+from gateway.store.base import Point
+from rules.action import RecordAlert
+
+TELEMETRY = "telemetry"
+ALERTS = "alerts"
+COMMANDS = "commands"
+
+
+def telemetry_point(event: TelemetryEvent) -> Point:
+    """Build the telemetry point of one event; `seq` is kept so loss can be checked from the store."""
+    fields: dict[str, FieldValue] = dict(event.fields)
+    if event.seq is not None:
+        fields["seq"] = event.seq
+    return Point(TELEMETRY, (("device", event.device_id),), fields, event.ts)
+
+
+def alert_point(alert: RecordAlert) -> Point:
+    """Build the point that records one raise or clear of an alarm."""
+    fields: dict[str, FieldValue] = {"message": alert.message}
+    for name, value in alert.values.items():
+        if name != "message":
+            fields[name] = value
+    tags = (
+        ("device", alert.device_id),
+        ("rule", alert.rule_id),
+        ("severity", alert.severity),
+        ("state", alert.state),
+    )
+    return Point(ALERTS, tags, fields, alert.ts)
+
+
+def command_point(
+    *,
+    command_id: str,
+    device_id: str,
+    name: str,
+    status: str,
+    ts: float,
+    rule_id: str = "",
+    params: dict[str, Any] | None = None,
+    detail: str = "",
+    latency_ms: float | None = None,
+) -> Point:
+    """Build the audit point of one step in a command's life."""
+    fields: dict[str, FieldValue] = {"id": command_id, "detail": detail}
+    if params is not None:
+        fields["params"] = json.dumps(params, separators=(",", ":"), sort_keys=True)
+    if latency_ms is not None:
+        fields["latency_ms"] = latency_ms
+    tags = (("device", device_id), ("name", name), ("rule", rule_id), ("status", status))
+    return Point(COMMANDS, tags, fields, ts)

@@ -24,7 +24,7 @@ class SendCommand:
 
 @dataclass(frozen=True, slots=True)
 class RecordAlert:
-    """Record that alarm (`rule_id`, `device_id`) was raised or cleared at `ts`, with the values that caused it."""
+    """Record that alarm (`rule_id`, `device_id`) was raised or cleared at `ts`, and the values behind it."""
 
     rule_id: str
     device_id: str

@@ -1,0 +1,446 @@
+"""Compile rule conditions (`when`, `clear`) from a small, safe expression language.
+
+The language is a whitelisted subset of Python expression syntax, parsed with `ast`:
+
+    condition := comparison | condition and condition | condition or condition | not condition
+               | has(<field>) | <bool field> | True | False | ( condition )
+    comparison := value (< | <= | > | >= | == | !=) value ...      (chains like `20 < t < 30`)
+    value := <field> | number | 'string' | True | False | -value | value (+ - * / %) value
+           | abs(value) | round(value[, <int literal>]) | min(value, value, ...) | max(value, value, ...)
+
+Names are the metric fields of the event. Anything else (attributes, indexing, other calls, `**`,
+lambdas, comprehensions, f-strings, ...) is rejected when the rule file is loaded, with the column.
+
+Missing fields use three-valued logic: a comparison that reads a field the event lacks is *unknown*,
+neither true nor false, and so is its negation; `and`/`or` combine unknowns the way SQL does
+(`false and unknown` is false, `true or unknown` is true). A rule fires only on a definite result,
+so `not (temperature > 30)` does not clear an alarm on an event that carries no temperature.
+`has(field)` is never unknown. Each expression is compiled once into two plain Python functions,
+`is_true` and `is_false` (`is_false` is what the default `clear: not (when)` runs).
+
+Evaluation may still raise one of `EVALUATION_ERRORS` on bad data (a string compared with a number,
+a division by zero); the engine counts those and treats the expression as not firing.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from devices.errors import TidegateInputError
+from devices.event import FieldValue
+from devices.payload import FIELD_NAME_RE, RESERVED_KEYS
+
+Predicate = Callable[[Mapping[str, FieldValue]], bool]
+
+EVALUATION_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, ArithmeticError)
+
+# Limits keep the parser, our recursive checker and the generated code far from CPython's recursion
+# and parenthesis-nesting limits (the generated code adds at most one level of parentheses per level).
+MAX_SOURCE_LENGTH = 2_000
+MAX_DEPTH = 64
+# round(x, n) on an int computes 10**-n: a literal bound keeps a rule from asking for a huge power.
+MAX_ROUND_DIGITS = 15
+
+_COMPARE_OPS: dict[type[ast.cmpop], str] = {
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+}
+_ORDERING_OPS = ("<", "<=", ">", ">=")
+_ARITHMETIC_OPS: dict[type[ast.operator], str] = {
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.Mod: "%",
+}
+_OPERATOR_SYMBOLS: dict[type[ast.AST], str] = {
+    ast.Pow: "**",
+    ast.FloorDiv: "//",
+    ast.MatMult: "@",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitAnd: "&",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+    ast.UAdd: "unary +",
+    ast.Invert: "~",
+}
+_NODE_NAMES: dict[type[ast.AST], str] = {
+    ast.Attribute: "attribute access",
+    ast.Subscript: "indexing",
+    ast.Lambda: "lambda",
+    ast.IfExp: "conditional expression",
+    ast.NamedExpr: "assignment expression",
+    ast.JoinedStr: "f-string",
+    ast.ListComp: "comprehension",
+    ast.SetComp: "comprehension",
+    ast.DictComp: "comprehension",
+    ast.GeneratorExp: "comprehension",
+    ast.Tuple: "tuple",
+    ast.List: "list",
+    ast.Dict: "dict",
+    ast.Set: "set",
+    ast.Starred: "unpacking",
+    ast.Await: "await",
+    ast.Yield: "yield",
+    ast.YieldFrom: "yield",
+    ast.Slice: "slice",
+}
+_FUNCTIONS = ("abs", "min", "max", "round", "has")
+_EXPECTED_VALUE = "a field, number, string, True/False, arithmetic (+ - * / %) or abs/min/max/round"
+_EXPECTED_CONDITION = "a comparison, has(field), and/or/not, True/False or a bool field"
+
+Kind = Literal["number", "string", "bool", "any"]
+
+
+class ExpressionError(TidegateInputError):
+    """An expression was rejected; `column` is 1-based within `source`."""
+
+    def __init__(self, reason: str, *, source: str, column: int) -> None:
+        super().__init__(f"{reason} (column {column})")
+        self.reason = reason
+        self.source = source
+        self.column = column
+
+
+def _num(value: FieldValue) -> FieldValue:
+    # Strings must not reach arithmetic: `*` and `%` on device-sent text could allocate without bound.
+    if value.__class__ is str:
+        raise TypeError(f"expected a number, got the string {value!r:.40}")
+    return value
+
+
+def _truth(value: FieldValue) -> bool:
+    if value.__class__ is str:
+        raise TypeError(f"expected a bool or number as a condition, got the string {value!r:.40}")
+    return bool(value)
+
+
+# Generated code sees only these names: no builtins, so nothing outside the whitelist is reachable
+# even if the checker below had a hole.
+_RUNTIME: dict[str, object] = {
+    "__builtins__": {},
+    "_num": _num,
+    "_truth": _truth,
+    "_abs": abs,
+    "_min": min,
+    "_max": max,
+    "_round": round,
+}
+
+
+class Expression:
+    """A checked, compiled condition; compare and hash by source text."""
+
+    __slots__ = ("fields", "is_false", "is_true", "source")
+
+    def __init__(self, source: str, fields: tuple[str, ...], is_true: Predicate, is_false: Predicate) -> None:
+        self.source = source
+        self.fields = fields  # every field read, in order of first appearance
+        self.is_true = is_true
+        self.is_false = is_false
+
+    def negated(self) -> Expression:
+        """Return `not (self)`, sharing the compiled functions."""
+        return Expression(f"not ({self.source})", self.fields, self.is_false, self.is_true)
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Expression) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash(self.source)
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    code: str
+    kind: Kind
+    fields: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Condition:
+    true: str  # Python source that is True exactly when the condition definitely holds
+    false: str  # ... exactly when it definitely does not hold
+
+
+class _Compiler:
+    """Check an expression AST against the whitelist and emit Python source for it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.variables: dict[str, str] = {}  # field name -> local variable in the generated function
+
+    def error(self, node: ast.AST, reason: str, *, offset: int | None = None) -> ExpressionError:
+        encoded = self.source.encode()
+        if offset is None:
+            offset = getattr(node, "col_offset", 0)
+        # ast offsets count UTF-8 bytes; users count characters.
+        column = len(encoded[:offset].decode(errors="ignore")) + 1
+        return ExpressionError(reason, source=self.source, column=column)
+
+    def not_allowed(self, node: ast.AST, expected: str) -> ExpressionError:
+        # Point at the offending operator rather than at the start of its left operand.
+        offset = None
+        if isinstance(node, ast.Attribute | ast.Subscript):
+            offset = node.value.end_col_offset
+        elif isinstance(node, ast.BinOp):
+            offset = self.operator_offset(node.left, node.right)
+        return self.error(node, f"{self.describe(node)} is not allowed; expected {expected}", offset=offset)
+
+    def operator_offset(self, left: ast.expr, right: ast.expr) -> int | None:
+        if left.end_col_offset is None:
+            return None
+        gap = self.source.encode()[left.end_col_offset : right.col_offset]
+        return left.end_col_offset + len(gap) - len(gap.lstrip(b" \t)"))
+
+    def field(self, node: ast.AST, name: str) -> str:
+        if name in ("true", "false", "null", "none"):
+            raise self.error(node, f"{name!r} would be read as a field; write True or False")
+        if name in RESERVED_KEYS:
+            raise self.error(node, f"{name!r} is not a metric field (it is event metadata)")
+        if FIELD_NAME_RE.match(name) is None:
+            raise self.error(node, f"{name!r} is not a valid field name")
+        if name not in self.variables:
+            self.variables[name] = f"v{len(self.variables)}"
+        return self.variables[name]
+
+    def describe(self, node: ast.AST) -> str:
+        if isinstance(node, ast.Constant):
+            return f"the constant {node.value!r:.40}"
+        if isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp):
+            op = _OPERATOR_SYMBOLS.get(type(node.op))
+            if op is not None:
+                return f"operator {op!r}"
+        return _NODE_NAMES.get(type(node), type(node).__name__.lower())
+
+    def condition(self, node: ast.expr, depth: int) -> _Condition:
+        if depth > MAX_DEPTH:
+            raise self.error(node, f"expression is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, ast.BoolOp):
+            parts = [self.condition(value, depth + 1) for value in node.values]
+            trues, falses = " and ".join(p.true for p in parts), " or ".join(p.false for p in parts)
+            if isinstance(node.op, ast.Or):
+                trues, falses = " or ".join(p.true for p in parts), " and ".join(p.false for p in parts)
+            return _Condition(f"({trues})", f"({falses})")
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            inner = self.condition(node.operand, depth + 1)
+            return _Condition(inner.false, inner.true)
+        if isinstance(node, ast.Compare):
+            return self.compare(node, depth)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "has":
+            var = self.has_argument(node)
+            return _Condition(f"({var} is not None)", f"({var} is None)")
+        if isinstance(node, ast.Name):
+            var = self.field(node, node.id)
+            return _Condition(
+                f"({var} is not None and _truth({var}))", f"({var} is not None and not _truth({var}))"
+            )
+        if isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            return _Condition(repr(node.value), repr(not node.value))
+        if isinstance(node, ast.BinOp | ast.UnaryOp | ast.Call | ast.Constant):
+            self.value(node, depth)  # report a forbidden operator or call before the misplaced value
+            raise self.error(node, f"expected {_EXPECTED_CONDITION}, got a value")
+        raise self.not_allowed(node, _EXPECTED_CONDITION)
+
+    def has_argument(self, node: ast.Call) -> str:
+        if node.keywords or len(node.args) != 1:
+            raise self.error(node, "has() takes exactly one field name")
+        arg = node.args[0]
+        if isinstance(arg, ast.Name):
+            return self.field(arg, arg.id)
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            return self.field(arg, arg.value)
+        raise self.error(arg, "has() takes a field name, like has(temperature) or has('battery.level')")
+
+    def compare(self, node: ast.Compare, depth: int) -> _Condition:
+        operands = [self.value(node.left, depth + 1)]
+        code = [operands[0].code]
+        left_node = node.left
+        for op, right in zip(node.ops, node.comparators, strict=True):
+            symbol = _COMPARE_OPS.get(type(op))
+            if symbol is None:
+                shown = _OPERATOR_SYMBOLS.get(type(op), "?")
+                raise self.error(
+                    node,
+                    f"operator {shown!r} is not allowed; expected < <= > >= == !=",
+                    offset=self.operator_offset(left_node, right),
+                )
+            left_node = right
+            value = self.value(right, depth + 1)
+            left = operands[-1]
+            if {left.kind, value.kind} == {"number", "string"}:
+                raise self.error(right, f"cannot compare a number with a string using {symbol}")
+            operands.append(value)
+            code += [symbol, value.code]
+        comparison = " ".join(code)
+        fields = sorted(frozenset().union(*(o.fields for o in operands)), key=list(self.variables).index)
+        if not fields:
+            return _Condition(f"({comparison})", f"(not ({comparison}))")
+        known = " and ".join(f"{self.variables[f]} is not None" for f in fields)
+        return _Condition(f"({known} and ({comparison}))", f"({known} and not ({comparison}))")
+
+    def value(self, node: ast.expr, depth: int) -> _Value:
+        if depth > MAX_DEPTH:
+            raise self.error(node, f"expression is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, ast.Name):
+            return _Value(self.field(node, node.id), "any", frozenset({node.id}))
+        if isinstance(node, ast.Constant):
+            return self.constant(node)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC_OPS:
+            left, right = self.number(node.left, depth), self.number(node.right, depth)
+            code = f"({left.code} {_ARITHMETIC_OPS[type(node.op)]} {right.code})"
+            return _Value(code, "number", left.fields | right.fields)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            operand = self.number(node.operand, depth)
+            return _Value(f"(-{operand.code})", "number", operand.fields)
+        if isinstance(node, ast.Call):
+            return self.call(node, depth)
+        if isinstance(node, ast.Compare | ast.BoolOp) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)
+        ):
+            raise self.error(node, f"expected a value here ({_EXPECTED_VALUE}), got a condition")
+        raise self.not_allowed(node, _EXPECTED_VALUE)
+
+    def constant(self, node: ast.Constant) -> _Value:
+        value = node.value
+        if isinstance(value, bool):
+            return _Value(repr(value), "bool", frozenset())
+        if isinstance(value, str):
+            return _Value(repr(value), "string", frozenset())
+        if isinstance(value, int | float):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.error(node, f"number {ast.get_source_segment(self.source, node)} is too large")
+            return _Value(repr(value), "number", frozenset())
+        raise self.error(
+            node, f"{self.describe(node)} is not allowed; expected a number, string or True/False"
+        )
+
+    def number(self, node: ast.expr, depth: int) -> _Value:
+        value = self.value(node, depth + 1)
+        if value.kind in ("string", "bool"):
+            raise self.error(node, f"expected a number, got {self.describe(node)}")
+        if value.kind == "any":
+            return _Value(f"_num({value.code})", "number", value.fields)
+        return value
+
+    def call(self, node: ast.Call, depth: int) -> _Value:
+        name = node.func.id if isinstance(node.func, ast.Name) else None
+        if name not in _FUNCTIONS:
+            shown = ast.get_source_segment(self.source, node.func) or "this"
+            raise self.error(
+                node, f"calling {shown} is not allowed; the functions are {', '.join(_FUNCTIONS)}"
+            )
+        if name == "has":
+            raise self.error(node, "has() is a condition; use it on its own or with and/or/not")
+        if node.keywords or any(isinstance(arg, ast.Starred) for arg in node.args):
+            raise self.error(node, f"{name}() takes plain positional arguments")
+        if name == "abs":
+            if len(node.args) != 1:
+                raise self.error(node, "abs() takes exactly one argument")
+            arg = self.number(node.args[0], depth)
+            return _Value(f"_abs({arg.code})", "number", arg.fields)
+        if name == "round":
+            return self.round(node, depth)
+        if len(node.args) < 2:
+            raise self.error(node, f"{name}() takes two or more arguments")
+        args = [self.value(arg, depth + 1) for arg in node.args]
+        kinds = {arg.kind for arg in args} - {"any"}
+        if len(kinds) > 1:
+            raise self.error(node, f"{name}() arguments mix {' and '.join(sorted(kinds))}")
+        code = f"_{name}({', '.join(arg.code for arg in args)})"
+        return _Value(code, kinds.pop() if kinds else "any", frozenset().union(*(arg.fields for arg in args)))
+
+    def round(self, node: ast.Call, depth: int) -> _Value:
+        if len(node.args) not in (1, 2):
+            raise self.error(node, "round() takes a value and optionally a number of digits")
+        arg = self.number(node.args[0], depth)
+        if len(node.args) == 1:
+            return _Value(f"_round({arg.code})", "number", arg.fields)
+        digits_node = node.args[1]
+        digits = _int_literal(digits_node)
+        if digits is None or abs(digits) > MAX_ROUND_DIGITS:
+            raise self.error(
+                digits_node,
+                f"round() digits must be a whole number from -{MAX_ROUND_DIGITS} to {MAX_ROUND_DIGITS}",
+            )
+        return _Value(f"_round({arg.code}, {digits})", "number", arg.fields)
+
+
+def _int_literal(node: ast.expr) -> int | None:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _int_literal(node.operand)
+        return None if inner is None else -inner
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    return None
+
+
+def compile_expression(source: str) -> Expression:
+    """Check `source` against the whitelist and compile it, or raise `ExpressionError`."""
+    # Folded YAML scalars carry newlines; a space keeps every column where the author put it.
+    text = source.replace("\r", " ").replace("\n", " ")
+    stripped = text.lstrip()
+    if not stripped:
+        raise ExpressionError("expression is empty", source=source, column=1)
+    if len(text) > MAX_SOURCE_LENGTH:
+        raise ExpressionError(
+            f"expression is longer than {MAX_SOURCE_LENGTH} characters", source=source, column=1
+        )
+    indent = len(text) - len(stripped)
+    try:
+        tree = ast.parse(stripped, mode="eval")
+    except SyntaxError as exc:
+        offset = exc.offset or 0
+        # CPython reports "unexpected end" errors at offset 0 or past the end; point after the text.
+        column = indent + offset if 0 < offset <= len(stripped) else len(text.rstrip()) + 1
+        reason = exc.msg if exc.msg.startswith("invalid syntax") else f"invalid syntax: {exc.msg}"
+        raise ExpressionError(reason, source=source, column=column) from None
+    except (RecursionError, MemoryError):
+        raise ExpressionError("expression is nested too deeply", source=source, column=1) from None
+    except ValueError as exc:  # e.g. a NUL character
+        raise ExpressionError(f"invalid expression: {exc}", source=source, column=1) from None
+    compiler = _Compiler(stripped)
+    try:
+        condition = compiler.condition(tree.body, 0)
+    except ExpressionError as exc:
+        raise ExpressionError(exc.reason, source=source, column=indent + exc.column) from None
+    fields = tuple(compiler.variables)
+    is_true = _build(condition.true, compiler.variables)
+    is_false = _build(condition.false, compiler.variables)
+    try:
+        # Parts without fields are constants: fail now rather than on every event.
+        is_true({})
+        is_false({})
+    except EVALUATION_ERRORS as exc:
+        raise ExpressionError(
+            f"expression cannot be evaluated: {exc}", source=source, column=indent + 1
+        ) from None
+    return Expression(source.strip(), fields, is_true, is_false)
+
+
+def _build(body: str, variables: Mapping[str, str]) -> Predicate:
+    # Only the checked AST reaches this text: field names appear as repr() string literals, operators
+    # come from fixed tables, and locals are our own v0, v1, ... names.
+    lines = ["def predicate(fields):"]
+    lines += [f"    {var} = fields.get({name!r})" for name, var in variables.items()]
+    lines.append(f"    return {body}")
+    namespace = dict(_RUNTIME)
+    exec(compile("\n".join(lines), "<rule expression>", "exec"), namespace)
+    predicate: Predicate = namespace["predicate"]  # type: ignore[assignment]
+    return predicate

@@ -1,0 +1,161 @@
+"""Turn rule-file text into validated rules, reporting every problem of every file at once.
+
+The gateway reads the files and passes their text in; nothing here touches the file system.
+The format is documented in `rules.model`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from devices.errors import Problem, SourceFileError
+from devices.yamlsource import LocatedDocument, PathItem
+from rules.model import CommandSpec, Rule, RuleSet
+
+_EXPECTED_FILE = "expected a mapping with a `rules` list"
+
+
+class _RuleLoader(yaml.SafeLoader):
+    """A SafeLoader with YAML 1.2 booleans, so `params: {on: true}` has the key "on", not True."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_RuleLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RuleLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Located:
+    rule: Rule
+    file: str
+    line: int | None
+    column: int | None
+    where: str
+
+
+def parse_rule_file(text: str, file: str) -> list[Rule]:
+    """Parse one rule file, or raise `SourceFileError` listing all of its problems."""
+    located, problems = _parse(text, file)
+    problems += _duplicate_problems(located)
+    if problems:
+        raise SourceFileError(_in_reading_order(problems))
+    return [entry.rule for entry in located]
+
+
+def build_rule_set(files: Mapping[str, str]) -> RuleSet:
+    """Parse every file (name -> text) into one rule set, or raise `SourceFileError` with all problems.
+
+    Files are taken in name order, so rule order and error order do not depend on directory listing.
+    """
+    located: list[_Located] = []
+    problems: list[Problem] = []
+    for file in sorted(files):
+        file_rules, file_problems = _parse(files[file], file)
+        located += file_rules
+        problems += file_problems
+    problems += _duplicate_problems(located)
+    if problems:
+        raise SourceFileError(_in_reading_order(problems))
+    return RuleSet(tuple(entry.rule for entry in located), {entry.rule.id: entry.file for entry in located})
+
+
+def _parse(text: str, file: str) -> tuple[list[_Located], list[Problem]]:
+    try:
+        doc = LocatedDocument(text, file)
+    except SourceFileError as exc:
+        return [], list(exc.problems)
+    # LocatedDocument reads YAML 1.1 booleans; it is kept for positions, and the data is read again
+    # with YAML 1.2 booleans. Both use the same grammar, so this load cannot fail differently.
+    data = yaml.load(text, Loader=_RuleLoader)  # a SafeLoader subclass: no arbitrary objects
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
+        return [], [doc.problem([], f"{_EXPECTED_FILE}, got {got}")]
+    problems = [
+        doc.problem([key], f"unknown top-level key {key!r}; expected only `rules`")
+        for key in data
+        if key != "rules"
+    ]
+    items = data.get("rules")
+    if not isinstance(items, list):
+        got = "nothing" if items is None else type(items).__name__
+        problems.append(doc.problem(["rules"] if "rules" in data else [], f"{_EXPECTED_FILE}, got {got}"))
+        return [], problems
+    located: list[_Located] = []
+    for index, item in enumerate(items):
+        path: list[PathItem] = ["rules", index]
+        if not isinstance(item, dict):
+            problems.append(
+                doc.problem(path, f"expected a rule (a mapping with id, when, ...), got {item!r:.40}")
+            )
+            continue
+        raw_id = item.get("id")
+        rule_id = raw_id if isinstance(raw_id, str) else None
+        try:
+            rule = Rule.model_validate(item)
+        except ValidationError as exc:
+            problems += _rule_problems(doc, exc, path, rule_id)
+            continue
+        line, column = doc.position([*path, "id"])
+        located.append(_Located(rule, file, line, column, f"rules[{index}].id"))
+    return located, problems
+
+
+def _rule_problems(
+    doc: LocatedDocument, exc: ValidationError, path: Sequence[PathItem], rule_id: str | None
+) -> list[Problem]:
+    named = f"rule {rule_id!r}: " if rule_id is not None else ""
+    problems = []
+    # problems_from yields one problem per error, in order, so the two can be paired.
+    for error, problem in zip(exc.errors(include_url=False), doc.problems_from(exc, path), strict=True):
+        message = problem.message
+        if error["type"] == "extra_forbidden":
+            message = _unknown_key_message(error["loc"])
+        elif error["type"] == "missing":
+            message = f"missing required key {error['loc'][-1]!r}"
+        problems.append(replace(problem, message=named + message))
+    return problems
+
+
+def _unknown_key_message(loc: tuple[int | str, ...]) -> str:
+    key = str(loc[-1])
+    model: type[BaseModel] = CommandSpec if len(loc) >= 2 and loc[-2] == "command" else Rule
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; expected one of: {', '.join(known)}"
+
+
+def _duplicate_problems(located: Sequence[_Located]) -> list[Problem]:
+    first: dict[str, _Located] = {}
+    problems = []
+    for entry in located:
+        seen = first.setdefault(entry.rule.id, entry)
+        if seen is entry:
+            continue
+        where = f"{seen.file}:{seen.line}:{seen.column} ({seen.where})"
+        problems.append(
+            Problem(
+                entry.file,
+                entry.line,
+                entry.column,
+                entry.where,
+                f"rule {entry.rule.id!r}: duplicate id, first defined at {where}; rule ids must be unique "
+                "across all rule files",
+            )
+        )
+    return problems
+
+
+def _in_reading_order(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.file, p.line or 0, p.column or 0))

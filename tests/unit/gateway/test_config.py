@@ -31,7 +31,10 @@ def test_example_config_is_valid() -> None:
 
 
 def test_every_problem_is_listed_with_line_and_column(tmp_path: Path) -> None:
-    path = write(tmp_path, "mqtt:\n  url: http://x\n  keepalive: 1\n  bogus: 3\nstore:\n  kind: influxdb_v1\n  timeout: -1\n")
+    path = write(
+        tmp_path,
+        "mqtt:\n  url: http://x\n  keepalive: 1\n  bogus: 3\nstore:\n  kind: influxdb_v1\n  timeout: -1\n",
+    )
     with pytest.raises(SourceFileError) as info:
         load_settings(path, environ={})
     shown = [str(p) for p in info.value.problems]
@@ -53,7 +56,9 @@ def test_invalid_yaml_is_located(tmp_path: Path) -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "mqtt:\n  url: mqtt://a:1883\n")
-    settings = load_settings(path, environ={"TIDEGATE_MQTT__URL": "mqtt://b:1884", "TIDEGATE_BATCH__SIZE": "10"})
+    settings = load_settings(
+        path, environ={"TIDEGATE_MQTT__URL": "mqtt://b:1884", "TIDEGATE_BATCH__SIZE": "10"}
+    )
     assert (settings.mqtt.host, settings.mqtt.port, settings.batch.size) == ("b", 1884, 10)
 
 
@@ -82,7 +87,9 @@ def test_secrets_never_shown(tmp_path: Path) -> None:
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path, "store:\n  kind: sqlite\n  path: data/t.db\nrules:\n  dir: r\n"), environ={})
+    settings = load_settings(
+        write(tmp_path, "store:\n  kind: sqlite\n  path: data/t.db\nrules:\n  dir: r\n"), environ={}
+    )
     assert isinstance(settings.store, SqliteSettings)
     assert settings.store.path == tmp_path / "data" / "t.db"
     assert settings.rules.dir == tmp_path / "r"

@@ -1,0 +1,167 @@
+"""Ingest hot path with in-memory fakes: points, alerts, commands, rejections and ack order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from devices.command import Command
+from devices.payload import PayloadDecoder
+from devices.topic import TopicScheme
+from gateway.commands import CommandDispatcher
+from gateway.ingest import TelemetryIngest
+from gateway.store.base import Point
+from rules import RuleEngine, build_rule_set
+
+RULES = """
+rules:
+  - id: hot
+    when: temperature > 30
+    clear: temperature < 26
+    on_raise: [alert, {command: {name: fan, params: {on: true}}}]
+"""
+
+
+@dataclass
+class Msg:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int = 1
+
+
+class FakeMqtt:
+    def __init__(self) -> None:
+        self.generation = 1
+        self.acks: list[int] = []
+        self.published: list[tuple[str, bytes]] = []
+        self.paused = False
+
+    def ack(self, mid: int, qos: int, generation: int) -> None:
+        if generation == self.generation:
+            self.acks.append(mid)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.published.append((topic, payload))
+
+
+class FakeSink:
+    """Holds points until `flush()`, then calls back in order, like the batch writer."""
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.pending: list[tuple[list[Point], Callable[[], None] | None]] = []
+        self.points: list[Point] = []
+        self.capacity = capacity
+
+    @property
+    def is_full(self) -> bool:
+        return sum(len(p) for p, _ in self.pending) >= self.capacity
+
+    def add(self, points: list[Point], on_written: Callable[[], None] | None = None) -> None:
+        self.pending.append((points, on_written))
+
+    async def wait_until_not_full(self) -> None:
+        return None
+
+    def flush(self) -> None:
+        for points, on_written in self.pending:
+            self.points.extend(points)
+            if on_written is not None:
+                on_written()
+        self.pending.clear()
+
+
+def make(capacity: int = 100) -> tuple[TelemetryIngest, FakeMqtt, FakeSink]:
+    mqtt, sink = FakeMqtt(), FakeSink(capacity)
+    commands = CommandDispatcher(
+        channel=mqtt,
+        topics=TopicScheme("devices/{device_id}/commands"),
+        record=lambda p: sink.add([p]),
+        clock=lambda: 5.0,
+    )
+    ingest = TelemetryIngest(
+        topics=TopicScheme("devices/{device_id}/telemetry"),
+        decoder=PayloadDecoder(),
+        engine=RuleEngine(build_rule_set({"r.yaml": RULES})),
+        sink=sink,
+        commands=commands,
+        mqtt=mqtt,
+        dead_letter_topic="tidegate/dead-letter",
+        dead_letter_max_bytes=16,
+        clock=lambda: 1_764_000_000.0,
+    )
+    return ingest, mqtt, sink
+
+
+def telemetry(mid: int, device: str = "gh-1", **fields: object) -> Msg:
+    return Msg(f"devices/{device}/telemetry", json.dumps(fields).encode(), mid)
+
+
+def test_acks_only_after_write_and_in_order() -> None:
+    ingest, mqtt, sink = make()
+    ingest.on_message(telemetry(1, seq=1, temperature=20.0))
+    ingest.on_message(Msg("devices/gh-1/telemetry", b"garbage", 2))
+    ingest.on_message(telemetry(3, seq=2, temperature=21.0))
+    assert mqtt.acks == []
+    sink.flush()
+    assert mqtt.acks == [1, 2, 3]
+    assert [p.fields["seq"] for p in sink.points if p.measurement == "telemetry"] == [1, 2]
+    assert ingest.stats.received == 3 and ingest.stats.written == 2 and ingest.stats.rejected == 1
+
+
+def test_threshold_records_an_alert_and_sends_a_command() -> None:
+    ingest, mqtt, sink = make()
+    ingest.on_message(telemetry(1, temperature=31.5))
+    ingest.on_message(telemetry(2, temperature=32.0))  # still raised: no second alert
+    sink.flush()
+    alerts = [p for p in sink.points if p.measurement == "alerts"]
+    assert len(alerts) == 1
+    assert dict(alerts[0].tags) == {"device": "gh-1", "rule": "hot", "severity": "warning", "state": "raised"}
+    assert alerts[0].fields["temperature"] == 31.5
+    [(topic, payload)] = mqtt.published
+    command = Command.decode("gh-1", payload)
+    assert topic == "devices/gh-1/commands" and command.name == "fan" and command.params == {"on": True}
+    assert [dict(p.tags)["status"] for p in sink.points if p.measurement == "commands"] == ["sent"]
+    assert ingest.stats.alerts_raised == 1
+
+
+def test_rejected_payload_goes_to_the_dead_letter_topic_truncated() -> None:
+    ingest, mqtt, sink = make()
+    ingest.on_message(Msg("devices/gh-1/telemetry", b'{"t": NaN, "padding": "xxxxxxxxxxxxxxxx"}', 7))
+    [(topic, payload)] = mqtt.published
+    record = json.loads(payload)
+    assert topic == "tidegate/dead-letter"
+    assert record["device_id"] == "gh-1" and "NaN" in record["reason"]
+    assert record["payload"] == '{"t": NaN, "padd' and record["payload_bytes"] == 41
+    sink.flush()
+    assert mqtt.acks == [7]
+
+
+def test_topic_outside_the_scheme_is_rejected() -> None:
+    ingest, mqtt, _ = make()
+    ingest.on_message(Msg("devices/gh-1/extra/telemetry", b'{"t": 1}', 1))
+    assert ingest.stats.rejected == 1
+    assert "does not match" in json.loads(mqtt.published[0][1])["reason"]
+
+
+def test_full_sink_pauses_reading() -> None:
+    ingest, mqtt, _ = make(capacity=2)
+    ingest.on_message(telemetry(1, t=1))
+    assert not mqtt.paused
+    ingest.on_message(telemetry(2, t=2))
+    assert mqtt.paused and ingest.stats.backpressure_pauses == 1
+
+
+def test_ack_from_an_old_connection_is_not_sent() -> None:
+    ingest, mqtt, sink = make()
+    ingest.on_message(telemetry(1, t=1))
+    mqtt.generation = 2  # reconnected before the write finished: the broker will redeliver
+    sink.flush()
+    assert mqtt.acks == []

@@ -133,7 +133,9 @@ class Gateway:
         )
         self.ingest = TelemetryIngest(
             topics=telemetry,
-            decoder=PayloadDecoder(max_bytes=settings.ingest.max_payload_bytes, max_batch=settings.ingest.max_batch),
+            decoder=PayloadDecoder(
+                max_bytes=settings.ingest.max_payload_bytes, max_batch=settings.ingest.max_batch
+            ),
             engine=self.engine,
             sink=self.writer,
             commands=self.commands,
@@ -192,7 +194,9 @@ class Gateway:
                     # in time stays unacked, and the broker redelivers it to our session on restart
                     await asyncio.wait_for(self.writer.close(), timeout=DRAIN_TIMEOUT)
                 except TimeoutError:
-                    log.warning("store did not take pending points within %ss; the broker keeps them", DRAIN_TIMEOUT)
+                    log.warning(
+                        "store did not take pending points within %ss; the broker keeps them", DRAIN_TIMEOUT
+                    )
                     writer.cancel()
                 await self.mqtt.disconnect()
                 for task in tasks:

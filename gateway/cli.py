@@ -44,7 +44,9 @@ def _positive_float(text: str) -> float:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 async def _until_signalled(work: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
@@ -106,6 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING" if not args.verbose else "INFO")
     live = sys.stdout.isatty() and not args.json
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
 
     async def demo(stop: asyncio.Event) -> dict[str, Any]:
         return await run_demo(
@@ -140,7 +143,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     async def simulate(stop: asyncio.Event) -> Any:
         task = asyncio.create_task(
-            run_simulation(args.broker, devices=args.devices, rate=args.rate, duration=args.duration, seed=args.seed)
+            run_simulation(
+                args.broker, devices=args.devices, rate=args.rate, duration=args.duration, seed=args.seed
+            )
         )
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -162,7 +167,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from gateway.store.base import Query
 
     store_settings = (
-        SqliteSettings(kind="sqlite", path=Path(args.sqlite)) if args.sqlite else load_settings(args.config).store
+        SqliteSettings(kind="sqlite", path=Path(args.sqlite))
+        if args.sqlite
+        else load_settings(args.config).store
     )
     if args.sqlite and not Path(args.sqlite).exists():
         print(f"error: {args.sqlite}: no such file", file=sys.stderr)
@@ -200,7 +207,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     for column in ["time", *tag_names, *field_names]:
         table.add_column(column)
     for row in rows:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.ts)) + f".{int(row.ts * 1000) % 1000:03d}"
+        stamp = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.ts)) + f".{int(row.ts * 1000) % 1000:03d}"
+        )
         values = [_cell(row.fields.get(f)) for f in field_names]
         table.add_row(stamp, *[row.tags.get(t, "") for t in tag_names], *values)
     Console().print(table)
@@ -235,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway", description="Run the gateway until SIGINT or SIGTERM.")
+    run = sub.add_parser(
+        "run", help="run the gateway", description="Run the gateway until SIGINT or SIGTERM."
+    )
     run.add_argument("-c", "--config", metavar="FILE", help="YAML config (default: built-in defaults + env)")
     run.set_defaults(func=cmd_run)
 
@@ -253,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="work with rule files")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
     rcheck = rules_sub.add_parser(
-        "check", help="validate rule files", description="Validate every rule file in DIR; exit 1 on any error."
+        "check",
+        help="validate rule files",
+        description="Validate every rule file in DIR; exit 1 on any error.",
     )
     rcheck.add_argument("dir", metavar="DIR", help="a directory of *.yaml rule files, or one file")
     rcheck.set_defaults(func=cmd_rules_check)
@@ -272,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", type=_positive_int, default=5, help="simulated devices (default 5)")
     demo.add_argument("--rate", type=_positive_float, default=2.0, help="messages/s per device (default 2)")
     demo.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
-    demo.add_argument("--dir", default="tidegate-demo", help="where the SQLite store goes (default ./tidegate-demo)")
+    demo.add_argument(
+        "--dir", default="tidegate-demo", help="where the SQLite store goes (default ./tidegate-demo)"
+    )
     demo.add_argument("-v", "--verbose", action="store_true", help="log gateway activity to stderr")
     demo.set_defaults(func=cmd_demo)
 
@@ -303,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--since", type=parse_duration, default=None, help="how far back, e.g. 1h")
     query.add_argument("--until", type=parse_duration, default=None, help="end this long ago")
     query.add_argument("--every", type=parse_duration, default=None, help="aggregate per interval, e.g. 1m")
-    query.add_argument("--agg", default="mean", choices=["mean", "min", "max", "sum", "count", "first", "last"])
+    query.add_argument(
+        "--agg", default="mean", choices=["mean", "min", "max", "sum", "count", "first", "last"]
+    )
     query.add_argument("--limit", type=_positive_int, default=1000)
     query.add_argument("--json", action="store_true", help="one JSON object per row")
     query.set_defaults(func=cmd_query)

@@ -84,7 +84,9 @@ class CommandDispatcher:
         """Commands sent and not yet acked or timed out."""
         return len(self._pending)
 
-    def send(self, device_id: str, name: str, params: Mapping[str, Any], *, rule_id: str = "") -> Command | None:
+    def send(
+        self, device_id: str, name: str, params: Mapping[str, Any], *, rule_id: str = ""
+    ) -> Command | None:
         """Publish a command and start waiting for its ack; return None if it was rejected."""
         now = self._clock()
         command = Command(uuid.uuid4().hex, device_id, name, dict(params), now)
@@ -134,7 +136,9 @@ class CommandDispatcher:
         else:
             self.stats.acked_error += 1
         latency_ms = (now - pending.command.ts) * 1000.0
-        self._audit(pending.command, ack.status, pending.rule_id, now, detail=ack.detail, latency_ms=latency_ms)
+        self._audit(
+            pending.command, ack.status, pending.rule_id, now, detail=ack.detail, latency_ms=latency_ms
+        )
         if pending.done is not None and not pending.done.done():
             pending.done.set_result(ack)
 
@@ -145,7 +149,9 @@ class CommandDispatcher:
         for pending in overdue:
             del self._pending[pending.command.id]
             self.stats.timed_out += 1
-            self._audit(pending.command, "timed_out", pending.rule_id, now, detail=f"no ack in {self._ack_timeout}s")
+            self._audit(
+                pending.command, "timed_out", pending.rule_id, now, detail=f"no ack in {self._ack_timeout}s"
+            )
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(None)
 

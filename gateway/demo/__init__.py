@@ -40,7 +40,6 @@ async def run_demo(
     seed: int | None = 1,
 ) -> dict[str, Any]:
     """Run broker, gateway and simulator until `duration` passes (or Ctrl-C) and return the summary."""
-    workdir.mkdir(parents=True, exist_ok=True)
     db_path = workdir / "tidegate.db"
     started = time.monotonic()
     async with embedded_broker() as broker_url:
@@ -57,7 +56,12 @@ async def run_demo(
             await asyncio.wait_for(gateway.mqtt.connected.wait(), timeout=15)
             simulation = group.create_task(
                 run_simulation(
-                    broker_url, devices=devices, rate=rate, duration=duration, seed=seed, id_prefix="greenhouse"
+                    broker_url,
+                    devices=devices,
+                    rate=rate,
+                    duration=duration,
+                    seed=seed,
+                    id_prefix="greenhouse",
                 ),
                 name="simulator",
             )

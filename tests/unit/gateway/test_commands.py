@@ -90,7 +90,7 @@ def test_timeout_is_recorded_and_a_late_ack_ignored() -> None:
 
 def test_ack_from_another_device_does_not_match() -> None:
     clock, channel = FakeClock(), ListChannel()
-    dispatcher, records = make(channel, clock)
+    dispatcher, _records = make(channel, clock)
     command = dispatcher.send("gh-1", "fan", {})
     assert command is not None
     dispatcher.handle_ack("gh-2", CommandAck(command.id, "gh-2", "ok").encode())

@@ -7,22 +7,25 @@ machines without mosquitto. `embedded_broker()` picks one and yields its `mqtt:/
 
 Wire protocol the brokers carry (QoS 1 everywhere):
 
-    devices/{device_id}/telemetry       device -> gateway
-        {"ts": <epoch seconds float>, "seq": <int, from 1, +1 per message>, "<metric>": <number|bool|string>}
-    devices/{device_id}/commands        gateway -> device
-        {"id": "<hex>", "name": "fan", "params": {"on": true}, "ts": <epoch seconds>}
-    devices/{device_id}/commands/ack    device -> gateway
-        {"id": "<same id>", "status": "ok" | "error", "detail": "<optional text>"}
+    devices/{device_id}/telemetry       device -> gateway (decoded by devices/payload.py)
+        {"ts": <epoch seconds float>, "seq": <int, starting at 1 and +1 per message>,
+         "<metric>": <number|bool|string>, ...}
+    devices/{device_id}/commands        gateway -> device (devices/command.py `Command`)
+        {"id", "name", "params", "ts"}
+    devices/{device_id}/commands/ack    device -> gateway (devices/command.py `CommandAck`)
+        {"id", "status": "ok"|"error", "detail"?}; unknown command names are acked "error" with a detail
 
 What amqtt 0.12.1 cannot do, checked against paho-mqtt 2.2 clients:
 
 - MQTT 5: only 3.1.1 is spoken. A v5 CONNECT gets a 3.1.1 "unacceptable protocol version" CONNACK
-  and the connection is closed, so MQTT 5 clients (paho `protocol=MQTTv5`) never connect.
+  and the connection is closed: a paho `protocol=MQTTv5` client fails to connect (aiomqtt raises
+  MqttCodeError at once).
 - Persistent sessions (clean_session=False) keep subscriptions and queue QoS 1 messages while the
   client is away only for sessions that are not "anonymous"; amqtt's own anonymous-auth plugin marks
   every session anonymous, so `AmqttBroker` installs `_OpenAuthPlugin` instead. Sessions live in
   memory only: they are gone when the broker stops, and there is no restart on the same data.
-- A message is delivered at the subscription's QoS, not at min(publish QoS, subscription QoS).
+- A message is delivered at the subscription's QoS, not at min(publish QoS, subscription QoS): a
+  QoS 0 publication reaches a QoS 1 subscriber as QoS 1.
 - Nothing to signal: it runs in this process, so SIGSTOP/SIGKILL failure tests need mosquitto.
 
     BrokerError                  the embedded broker could not do what was asked
@@ -194,8 +197,8 @@ class MosquittoBroker:
         self._owns_dir = data_dir is None
         if data_dir is None:
             data_dir = tempfile.mkdtemp(prefix="tidegate-mosquitto-")
-        self.data_dir = Path(data_dir)
-        if any(c.isspace() for c in str(self.data_dir.resolve())):
+        self.data_dir = Path(data_dir).absolute()  # mosquitto resolves relative paths against its own cwd
+        if any(c.isspace() for c in str(self.data_dir)):
             # mosquitto.conf values end at whitespace; a path with a space would be cut short
             raise ValueError(f"mosquitto data_dir {str(self.data_dir)!r} must not contain whitespace")
         self.autosave_interval = autosave_interval
@@ -452,15 +455,18 @@ class MosquittoBroker:
         self.persistence_dir.mkdir(exist_ok=True)
         self.conf_path.write_text(self.config_text(), encoding="utf-8")
         with self.output_path.open("ab") as output:
-            # A session of its own: Ctrl-C in a terminal reaches tidegate, which stops the broker
-            # after the gateway and devices, instead of the broker dying first under them.
-            self._proc = subprocess.Popen(
-                [self.executable, "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            try:
+                # A session of its own: Ctrl-C in a terminal reaches tidegate, which stops the broker
+                # after the gateway and devices, instead of the broker dying first under them.
+                self._proc = subprocess.Popen(
+                    [self.executable, "-c", str(self.conf_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise BrokerStartError(f"cannot run {self.executable}: {exc}", backend="mosquitto") from exc
         log.debug("started %s -c %s (pid %s)", self.executable, self.conf_path, self._proc.pid)
 
     def _retry_or_raise(self, attempt: int) -> None:

@@ -119,6 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             live_view=live,
             stop=stop,
             seed=args.seed,
+            broker=args.broker,
         )
 
     if not live and not args.json:
@@ -137,27 +138,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator import run_simulation
+    from simulator import SimulationSummary, SimulatorError, run_simulation
 
     _setup_logging("INFO" if args.verbose else "WARNING")
 
-    async def simulate(stop: asyncio.Event) -> Any:
-        task = asyncio.create_task(
-            run_simulation(
-                args.broker, devices=args.devices, rate=args.rate, duration=args.duration, seed=args.seed
-            )
+    async def simulate(stop: asyncio.Event) -> SimulationSummary:
+        return await run_simulation(
+            args.broker,
+            devices=args.devices,
+            rate=args.rate,
+            duration=args.duration,
+            seed=args.seed,
+            stop=stop,
         )
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.wait({task})
-        return None if task.cancelled() else task.result()
 
-    summary = asyncio.run(_until_signalled(simulate))
-    if summary is not None:
-        print(json.dumps(summary.as_dict() if hasattr(summary, "as_dict") else vars(summary), default=str))
+    try:
+        summary = asyncio.run(_until_signalled(simulate))
+    except (SimulatorError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary.as_dict()))
     return 0
 
 
@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
     demo.add_argument(
         "--dir", default="tidegate-demo", help="where the SQLite store goes (default ./tidegate-demo)"
+    )
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="embedded broker: mosquitto when found on PATH (auto), or the pure-Python amqtt",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="log gateway activity to stderr")
     demo.set_defaults(func=cmd_demo)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import Gateway
-from gateway.broker import embedded_broker
+from gateway.broker import Backend, embedded_broker, find_mosquitto
 from gateway.config import MqttSettings, Settings, SqliteSettings
 from rules import build_rule_set
 from simulator import run_simulation
@@ -38,14 +38,20 @@ async def run_demo(
     live_view: bool,
     stop: asyncio.Event,
     seed: int | None = 1,
+    broker: Backend = "auto",
 ) -> dict[str, Any]:
     """Run broker, gateway and simulator until `duration` passes (or Ctrl-C) and return the summary."""
     db_path = workdir / "tidegate.db"
     started = time.monotonic()
-    async with embedded_broker() as broker_url:
-        log.info("embedded broker at %s", broker_url)
+    if broker == "auto":
+        broker = "mosquitto" if find_mosquitto() else "amqtt"
+    async with embedded_broker(backend=broker) as broker_url:
+        log.info("embedded %s broker at %s", broker, broker_url)
         settings = Settings(
-            mqtt=MqttSettings(url=broker_url, client_id="tidegate-demo"),
+            # amqtt speaks MQTT 3.1.1 only
+            mqtt=MqttSettings(
+                url=broker_url, client_id="tidegate-demo", protocol="5" if broker == "mosquitto" else "3.1.1"
+            ),
             store=SqliteSettings(kind="sqlite", path=db_path),
         )
         rule_set = build_rule_set({"<demo>/rules.yaml": demo_rules_text()})
@@ -70,12 +76,7 @@ async def run_demo(
                 from gateway.demo.view import LiveView
 
                 view = group.create_task(LiveView(gateway, started).run(), name="live-view")
-            stopped = group.create_task(stop.wait(), name="stop-signal")
-            await asyncio.wait({simulation, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not simulation.done():
-                simulation.cancel()  # Ctrl-C: the devices disconnect cleanly
-            await asyncio.wait({simulation})
+            simulated = await simulation  # ends after `duration`, or early when `stop` is set (Ctrl-C)
             await asyncio.sleep(SETTLE_SECONDS)
             stop_gateway.set()
             await gateway_task
@@ -86,8 +87,10 @@ async def run_demo(
         {
             "seconds": round(time.monotonic() - started, 1),
             "devices": devices,
+            "sent_by_devices": simulated.sent,
+            "commands_acked_by_devices": simulated.commands_acked,
             "store": str(db_path),
-            "broker": broker_url,
+            "broker": f"{broker} {broker_url}",
         }
     )
     return summary

@@ -42,7 +42,7 @@ class LiveView:
             f"alerts {stats['alerts']}   commands sent {stats['commands_sent']} acked {stats['commands_acked']}",
         )
         table = Table(expand=False)
-        for column in ("device", "seq", "temperature", "humidity", "alarm"):
+        for column in ("device", "seq", "temperature", "humidity", "fan", "alarm"):
             table.add_column(column)
         latest = gateway.ingest.latest
         for device_id in sorted(latest)[:MAX_ROWS]:
@@ -53,6 +53,7 @@ class LiveView:
                 str(event.seq if event.seq is not None else ""),
                 _fmt(event.fields.get("temperature")),
                 _fmt(event.fields.get("humidity")),
+                _fan(event.fields.get("fan")),
                 Text(alarm or "ok", style="bold red" if alarm else "green"),
             )
         return Group(header, table, Text("Ctrl-C stops the demo and prints the summary", style="dim"))
@@ -69,3 +70,9 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.1f}"
     return "" if value is None else str(value)
+
+
+def _fan(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ""

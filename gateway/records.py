@@ -2,7 +2,7 @@
 
 | measurement | tags                                   | fields                                                |
 |-------------|----------------------------------------|-------------------------------------------------------|
-| telemetry   | device                                 | one per metric (float, int, bool, string); seq (int)  |
+| telemetry   | device                                 | one per metric (float, bool, string); seq (int)       |
 | alerts      | device, rule, severity, state          | message (string); the values that caused it           |
 | commands    | device, name, status, rule             | id, params (JSON text), detail (string), latency_ms   |
 
@@ -24,8 +24,14 @@ COMMANDS = "commands"
 
 
 def telemetry_point(event: TelemetryEvent) -> Point:
-    """Build the telemetry point of one event; `seq` is kept so loss can be checked from the store."""
-    fields: dict[str, FieldValue] = dict(event.fields)
+    """Build the telemetry point of one event; `seq` is kept so loss can be checked from the store.
+
+    Numbers are stored as floats: JSON does not tell 25 from 25.0, and a device sending both would
+    otherwise hit InfluxDB's field type conflict and lose points.
+    """
+    fields: dict[str, FieldValue] = {
+        name: float(value) if type(value) is int else value for name, value in event.fields.items()
+    }
     if event.seq is not None:
         fields["seq"] = event.seq
     return Point(TELEMETRY, (("device", event.device_id),), fields, event.ts)

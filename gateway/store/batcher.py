@@ -1,0 +1,230 @@
+"""Batch points for a store, retry failed batches in order, and acknowledge them once written."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+from gateway.store.base import Point, RejectedPointsError, Store, StoreError
+
+__all__ = ["BatchWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class BatchWriter:
+    """Collect points from the ingest, write them to a store in batches, and report when each is written.
+
+    `add` is called synchronously on the event loop (from the MQTT client's callback) and only
+    appends; `run` is the flush loop, to be run in the caller's TaskGroup. A batch is written when
+    `batch_size` points are pending or `flush_interval` seconds after its oldest point arrived.
+
+    Nothing is dropped: a batch that fails with RetryableStoreError is retried unchanged, with
+    exponential backoff and jitter, forever, and later batches wait behind it, so order is kept.
+    Points a store refuses for good (RejectedPointsError) go to `on_rejected`, the rest count as
+    written. `on_written` callbacks (the MQTT PUBACKs) fire in the order they were added, each once
+    all its points are written or rejected. When `max_pending` points are held, `is_full` turns true
+    and the ingest should stop reading (`wait_until_not_full`) so the broker holds the backlog.
+
+    Cancelling `run` (or bounding `close` with a timeout) loses only points whose callbacks have not
+    fired, which the broker will deliver again.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int = 5000,
+        flush_interval: float = 1.0,
+        max_pending: int = 50_000,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        on_rejected: Callable[[RejectedPointsError], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        """Create the writer; nothing runs until `run` is awaited.
+
+        Args:
+            store: where batches go.
+            batch_size: most points per write; a full batch is written at once.
+            flush_interval: seconds a point may wait for its batch to fill.
+            max_pending: points held (pending and being written) at which `is_full` turns true.
+            retry_initial: first retry delay in seconds, doubled on each failure of the same batch.
+            retry_max: longest retry delay.
+            on_rejected: called with each RejectedPointsError (to dead-letter the points).
+            clock: monotonic seconds, for the flush interval (injectable for tests).
+            sleep: awaited between retries (injectable for tests).
+            jitter: returns a float in [0, 1); each delay is scaled to between 50% and 100%.
+        """
+        if batch_size < 1 or max_pending < 1:
+            raise ValueError(f"batch_size and max_pending must be positive, got {batch_size}, {max_pending}")
+        if flush_interval <= 0 or retry_initial <= 0 or retry_max < retry_initial:
+            raise ValueError(
+                "flush_interval and retry_initial must be positive and retry_max >= retry_initial"
+            )
+        self._store = store
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._max_pending = max_pending
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._on_rejected = on_rejected
+        self._clock = clock
+        self._sleep = sleep
+        self._jitter = jitter
+
+        self._pending: list[Point] = []
+        self._first_pending_at: float | None = None
+        # Points are numbered in the order they were added; a callback waits for its last number.
+        self._added = 0
+        self._done = 0
+        self._callbacks: deque[tuple[int, Callable[[], None]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._space = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._running = False
+        self._closing = False
+
+        self.written = 0
+        self.rejected = 0
+        self.retries = 0
+        self.batches = 0
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        """Return how many points are held: waiting for a batch or being written."""
+        return self._added - self._done
+
+    @property
+    def is_full(self) -> bool:
+        """Return whether the ingest should stop reading until points are written."""
+        return self._added - self._done >= self._max_pending
+
+    def add(self, points: Sequence[Point], on_written: Callable[[], None] | None = None) -> None:
+        """Queue points; call `on_written` (in order with earlier callbacks) once they are all written.
+
+        Cheap and synchronous: meant for the MQTT client's callback on the event loop thread.
+        """
+        if self._closing:
+            raise RuntimeError("BatchWriter is closed")
+        count = len(points)
+        if count:
+            pending = self._pending
+            if not pending:
+                self._first_pending_at = self._clock()
+                self._wakeup.set()  # the loop may be idle: start the flush interval
+            pending.extend(points)
+            self._added += count
+            if len(pending) >= self._batch_size:
+                self._wakeup.set()
+        if on_written is not None:
+            if self._added == self._done and not self._callbacks:
+                on_written()
+            else:
+                self._callbacks.append((self._added, on_written))
+
+    async def wait_until_not_full(self) -> None:
+        """Return once fewer than `max_pending` points are held."""
+        while self.is_full:
+            self._space.clear()
+            await self._space.wait()
+
+    async def run(self) -> None:
+        """Write batches until `close` is called and everything pending is written."""
+        if self._running:
+            raise RuntimeError("BatchWriter.run is already running")
+        if self._closing:
+            return
+        self._running = True
+        self._stopped.clear()
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if not self._closing and len(self._pending) < self._batch_size:
+                    started = self._first_pending_at if self._first_pending_at is not None else self._clock()
+                    delay = started + self._flush_interval - self._clock()
+                    if delay > 0:
+                        self._wakeup.clear()
+                        try:
+                            async with asyncio.timeout(delay):
+                                await self._wakeup.wait()
+                        except TimeoutError:
+                            pass
+                        continue
+                await self._write_next_batch()
+        finally:
+            self._running = False
+            self._stopped.set()
+
+    async def close(self) -> None:
+        """Write everything pending, then make `run` return; `add` raises afterwards."""
+        self._closing = True
+        self._wakeup.set()
+        if self._running:
+            await self._stopped.wait()
+        else:
+            while self._pending:
+                await self._write_next_batch()
+
+    async def _write_next_batch(self) -> None:
+        size = min(len(self._pending), self._batch_size)
+        batch = self._pending[:size]
+        del self._pending[:size]
+        # Points left behind arrived after this batch's oldest point: keeping its time flushes them
+        # early rather than late, without a timestamp per point.
+        if not self._pending:
+            self._first_pending_at = None
+        attempt = 0
+        while True:
+            try:
+                await self._store.write(batch)
+            except RejectedPointsError as err:
+                refused = len(err.rejected)
+                self.rejected += refused
+                self.written += len(batch) - refused
+                self.last_error = err.reason
+                logger.warning("store refused %d of %d points: %s", refused, len(batch), err.reason)
+                if self._on_rejected is not None:
+                    self._on_rejected(err)
+            except StoreError as err:
+                # RetryableStoreError, or a store error of unknown kind: retrying keeps the points,
+                # dropping them would not.
+                self.retries += 1
+                self.last_error = str(err)
+                delay = self._retry_delay(attempt)
+                attempt += 1
+                logger.warning(
+                    "store write of %d points failed (attempt %d), retrying in %.2fs: %s",
+                    len(batch),
+                    attempt,
+                    delay,
+                    err,
+                )
+                await self._sleep(delay)
+                continue
+            else:
+                self.written += len(batch)
+            break
+        self.batches += 1
+        self._done += len(batch)
+        callbacks = self._callbacks
+        while callbacks and callbacks[0][0] <= self._done:
+            callbacks.popleft()[1]()
+        if not self.is_full:
+            self._space.set()
+
+    def _retry_delay(self, attempt: int) -> float:
+        ceiling = min(self._retry_max, self._retry_initial * 2.0 ** min(attempt, 62))
+        return ceiling * (0.5 + self._jitter() / 2)

@@ -1,8 +1,8 @@
 """The store boundary: what every time-series backend (InfluxDB v1/v2, SQLite, memory, null) implements.
 
-    StoreError                    a write or query failed
-     ├── RetryableStoreError      try the same batch again later (5xx, 429, timeout, reset, store down)
-     └── RejectedPointsError      the store refused some points for good (400); `rejected` lists them
+StoreError                    a write or query failed
+ ├── RetryableStoreError      try the same batch again later (5xx, 429, timeout, reset, store down)
+ └── RejectedPointsError      the store refused some points for good (400); `rejected` lists them
 """
 
 from __future__ import annotations

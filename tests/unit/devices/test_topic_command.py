@@ -17,14 +17,16 @@ def test_topic_scheme_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "topic", ["devices/gh-1/commands", "devices/gh-1/telemetry/x", "other/gh-1/telemetry", "devices/telemetry"]
+    "topic",
+    ["devices/gh-1/commands", "devices/gh-1/telemetry/x", "other/gh-1/telemetry", "devices/telemetry"],
 )
 def test_topic_scheme_rejects_other_topics(topic: str) -> None:
     assert TopicScheme("devices/{device_id}/telemetry").device_id(topic) is None
 
 
 @pytest.mark.parametrize(
-    "template", ["devices/telemetry", "devices/{device_id}/{device_id}", "d/x{device_id}/t", "d/+/{device_id}"]
+    "template",
+    ["devices/telemetry", "devices/{device_id}/{device_id}", "d/x{device_id}/t", "d/+/{device_id}"],
 )
 def test_bad_templates(template: str) -> None:
     with pytest.raises(ValueError, match="template"):

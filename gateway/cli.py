@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.errors import SourceFileError
+from gateway.store.base import StoreError
 
 log = logging.getLogger("tidegate")
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?\Z")
@@ -99,6 +101,9 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     from gateway.rulefiles import read_rule_dir
 
     rule_set = read_rule_dir(Path(args.dir))
+    if not rule_set.rules:
+        print(f"error: {args.dir}: no rules found (rule files end in .yaml or .yml)", file=sys.stderr)
+        return 1
     print(f"{args.dir}: {len(rule_set.rules)} rule(s) ok")
     return 0
 
@@ -250,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", metavar="FILE", help="YAML config (default: built-in defaults + env)")
     run.set_defaults(func=cmd_run)
 
-    config = sub.add_parser("config", help="work with configuration files")
+    config = sub.add_parser(
+        "config", help="work with configuration files", description="Validate tidegate configuration files."
+    )
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser(
         "check",
@@ -261,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--show", action="store_true", help="print the resulting settings (secrets masked)")
     check.set_defaults(func=cmd_config_check)
 
-    rules = sub.add_parser("rules", help="work with rule files")
+    rules = sub.add_parser("rules", help="work with rule files", description="Validate rule files.")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
     rcheck = rules_sub.add_parser(
         "check",
@@ -307,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate", type=_positive_float, default=1.0, help="messages/s per device (default 1)")
     sim.add_argument("--duration", type=parse_duration, default=None, help="stop after this long")
     sim.add_argument("--seed", type=int, default=None, help="seed for deterministic signals")
-    sim.add_argument("-v", "--verbose", action="store_true")
+    sim.add_argument("-v", "--verbose", action="store_true", help="log connection activity to stderr")
     sim.set_defaults(func=cmd_simulate)
 
     query = sub.add_parser(
@@ -318,7 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     source = query.add_mutually_exclusive_group()
     source.add_argument("-c", "--config", metavar="FILE", help="YAML config naming the store")
     source.add_argument("--sqlite", metavar="PATH", help="read a local SQLite store directly")
-    query.add_argument("--measurement", default="telemetry", choices=["telemetry", "alerts", "commands"])
+    query.add_argument(
+        "--measurement",
+        default="telemetry",
+        choices=["telemetry", "alerts", "commands"],
+        help="what to read (default telemetry)",
+    )
     query.add_argument("--device", help="one device id")
     query.add_argument("--field", action="append", help="a field to read (repeatable; default all)")
     query.add_argument("--since", type=parse_duration, default=None, help="how far back, e.g. 1h")
@@ -327,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument(
         "--agg", default="mean", choices=["mean", "min", "max", "sum", "count", "first", "last"]
     )
-    query.add_argument("--limit", type=_positive_int, default=1000)
+    query.add_argument("--limit", type=_positive_int, default=1000, help="most rows to print (default 1000)")
     query.add_argument("--json", action="store_true", help="one JSON object per row")
     query.set_defaults(func=cmd_query)
     return parser
@@ -340,8 +352,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except SourceFileError as exc:
         return _print_problems(exc)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # output piped into `head` and the like: stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return code
 
 

@@ -261,6 +261,7 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
                 problems.append(doc.problem(loc, error["msg"] + shown))
             else:
                 problems.append(Problem(file, None, None, format_path(loc), error["msg"] + shown))
+        problems.sort(key=lambda p: (p.file, p.line or 0, p.column or 0))
         raise SourceFileError(problems) from None
     return _resolve_paths(settings, base_dir)
 

@@ -68,6 +68,7 @@ async def run_demo(
                     duration=duration,
                     seed=seed,
                     id_prefix="greenhouse",
+                    stop=stop,
                 ),
                 name="simulator",
             )

@@ -113,6 +113,7 @@ class InfluxV2Store:
         )
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         self._query_api = self._client.query_api()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"InfluxV2Store({self._url!r}, org={self._org!r}, bucket={self._bucket!r})"
@@ -125,7 +126,13 @@ class InfluxV2Store:
 
     async def close(self) -> None:
         """Close the client's connection pool."""
+        if self._closed:
+            return
+        self._closed = True
         await asyncio.to_thread(self._client.close)
+        # The write and query APIs keep the client's ApiClient alive, and its __del__ would run once
+        # more at interpreter exit, when the modules it needs are gone ("Exception ignored ...").
+        del self._write_api, self._query_api
 
     async def write(self, points: Sequence[Point]) -> None:
         """Write a batch; refused points raise RejectedPointsError after the others are written."""
@@ -176,6 +183,8 @@ class InfluxV2Store:
 
     async def _call(self, function: Callable[[], _T], action: str) -> _T:
         """Run a blocking client call in a thread, mapping its exceptions to tidegate's in one place."""
+        if self._closed:
+            raise RuntimeError("InfluxV2Store is closed")
         where = f"InfluxDB at {self._url}"
         try:
             return await asyncio.to_thread(function)

@@ -153,7 +153,9 @@ def _encode_field_key(key: object) -> tuple[str, int]:
         raise LineProtocolError('"time" cannot be a field key')
     escaped = _escape_name(key, _KEY_ESCAPES, "field key")
     if escaped[0] == "\t":
-        raise LineProtocolError(f"field key {_show(key)} starts with {escaped[0]!r}, which the line parser skips")
+        raise LineProtocolError(
+            f"field key {_show(key)} starts with {escaped[0]!r}, which the line parser skips"
+        )
     return escaped, _byte_len(escaped)
 
 

@@ -81,11 +81,7 @@ def aggregate_values(aggregate: Aggregate, values: Sequence[tuple[int, FieldValu
     if aggregate == "last":
         return max(values, key=lambda pair: pair[0])[1] if values else None
     # Exact types: bool is an int subclass but InfluxDB does not add booleans up.
-    numbers: list[int | float] = [
-        value
-        for _, value in values
-        if type(value) is int or type(value) is float
-    ]
+    numbers: list[int | float] = [value for _, value in values if type(value) is int or type(value) is float]
     if not numbers:
         return None
     if aggregate == "mean":

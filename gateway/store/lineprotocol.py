@@ -3,8 +3,10 @@
     ValueError
      └── LineProtocolError        a point cannot be written unchanged; `reason` says why
 
-Encoding is hand-written because it is the hot path: `influxdb_client.Point.to_line_protocol` costs
-about 7.8 µs per point, this about 1 µs (series keys and field keys are cached, see `_remember`).
+Encoding is hand-written because it is the hot path: on the machine this was measured on,
+`influxdb_client.Point.to_line_protocol` took 4.7 µs for a point with one tag and one float field and
+6.3 µs with three fields; `encode_point` 1.0 and 1.5 µs (series keys and field keys are cached, see
+`_remember`; what remains is mostly float repr and int formatting).
 Timestamps are integer microseconds (`precision=u` / `WritePrecision.US`).
 
 What is refused, and why (each checked against influxd 1.6 and VictoriaMetrics):
@@ -15,6 +17,7 @@ What is refused, and why (each checked against influxd 1.6 and VictoriaMetrics):
 - a measurement starting with "#" (the line becomes a comment, silently skipped), or a measurement
   or field key starting with a tab (stripped as leading whitespace, so the name changes);
 - NUL in a name: InfluxQL has no way to quote it, so the point could not be queried;
+- a double quote in a field key: VictoriaMetrics reads the value after it as 0;
 - in names (measurement, tag keys and values, field keys), a backslash at the end or before one of
   `\\ , = space "`: InfluxDB 1.x keeps backslashes in names literally and has no way to write a
   trailing one (it always escapes the separator that follows), while VictoriaMetrics reads `\\\\`
@@ -152,6 +155,10 @@ def _encode_field_key(key: object) -> tuple[str, int]:
     if key == "time":
         raise LineProtocolError('"time" cannot be a field key')
     escaped = _escape_name(key, _KEY_ESCAPES, "field key")
+    if '"' in escaped:
+        raise LineProtocolError(
+            f"field key {_show(key)} contains a double quote, which VictoriaMetrics misreads"
+        )
     if escaped[0] == "\t":
         raise LineProtocolError(
             f"field key {_show(key)} starts with {escaped[0]!r}, which the line parser skips"

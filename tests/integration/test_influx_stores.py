@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from devices.event import FieldValue
 from gateway.store.base import Point, Query, RejectedPointsError, RetryableStoreError, Row
 from gateway.store.influx_v1 import InfluxV1Store
 from gateway.store.influx_v2 import InfluxV2Store
@@ -27,6 +28,14 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 T0 = 1_700_000_000.0
 _measurements = itertools.count(1)
+
+awkward = st.text(
+    # Separators, quotes and escapes often; line breaks only rarely (via characters()), as they are
+    # refused before reaching the server.
+    st.one_of(st.sampled_from(list(" ,=\"'\\#\t{}$")), st.characters(codec="utf-8")),
+    min_size=1,
+    max_size=12,
+)
 
 
 def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -54,7 +63,7 @@ AWKWARD_TAGS = (
     ("unicode", "Zürich 😀"),
     ("with space", "a=b"),
 )
-ALL_TYPES = {
+ALL_TYPES: dict[str, FieldValue] = {
     "float": 21.5,
     "integral float": 2.0,
     "int": 2**62 + 1,
@@ -64,7 +73,7 @@ ALL_TYPES = {
     "text": 'say "hi" \\o/ ,= ünï',
     "ends with backslash": "C:\\",
     "empty": "",
-    'field,with=odd "chars"': 1,
+    "field,with=odd 'chars'": 1,
 }
 
 
@@ -236,6 +245,48 @@ def test_v2_writes_read_back_equal_from_victoria_metrics(victoria_metrics: Victo
     assert by_name[f"{measurement}_ok"]["values"] == [1, 0, 1, 0, 1]
 
 
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(names=st.lists(st.tuples(awkward, awkward), min_size=20, max_size=40, unique_by=lambda pair: pair[0]))
+def test_v2_awkward_names_read_back_equal_from_victoria_metrics(
+    victoria_metrics: VictoriaMetricsServer, names: list[tuple[str, str]]
+) -> None:
+    measurement = f"vm{next(_measurements)}"
+    now = round(time.time() - 60)
+    candidates = [
+        Point(measurement, (("device", device),), {field: float(n)}, now)
+        for n, (device, field) in enumerate(names)
+    ]
+    points = []
+    for point in candidates:
+        try:
+            encode_point(point)
+        except LineProtocolError:
+            assert should_reject(point)
+        else:
+            points.append(point)
+    store = InfluxV2Store(victoria_metrics.url, SecretStr("unused-token"), "org", "bucket")
+
+    async def go() -> None:
+        await store.write(points)
+        await store.close()
+
+    run(go())
+    series = victoria_metrics.wait_for_samples(
+        f'{{__name__=~"{measurement}_.*"}}', count=len(points), timeout=5
+    )
+    read_back = sorted(
+        (item["metric"]["__name__"], item["metric"].get("device"), value)
+        for item in series
+        for value in item["values"]
+    )
+    sent = sorted(
+        (f"{measurement}_{field}", dict(point.tags)["device"], value)
+        for point in points
+        for field, value in point.fields.items()
+    )
+    assert read_back == sent
+
+
 def test_v2_unreachable_server_is_retryable() -> None:
     store = InfluxV2Store("http://127.0.0.1:9", SecretStr("token"), "org", "bucket", timeout=2.0)
 
@@ -250,14 +301,6 @@ def test_v2_unreachable_server_is_retryable() -> None:
 
 
 # --- awkward input through line protocol into InfluxDB 1.x reads back as exactly one point ------------
-
-awkward = st.text(
-    # Separators, quotes and escapes often; line breaks only rarely (via characters()), as they are
-    # refused before reaching the server.
-    st.one_of(st.sampled_from(list(" ,=\"'\\#\t{}$")), st.characters(codec="utf-8")),
-    min_size=1,
-    max_size=12,
-)
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,10 @@ def should_reject(point: Point) -> bool:
         return True
     if not point.fields or "time" in point.fields:
         return True
-    if any(_bad_name(key) or key[0] == "\t" or _bad_value(value) for key, value in point.fields.items()):
+    if any(
+        _bad_name(key) or key[0] == "\t" or '"' in key or _bad_value(value)
+        for key, value in point.fields.items()
+    ):
         return True
     ts_us = point.ts * 1e6
     if math.isnan(ts_us) or math.isinf(ts_us):

@@ -24,18 +24,18 @@ def points(*numbers: int) -> list[Point]:
 
 
 class ScriptedStore(MemoryStore):
-    """A MemoryStore that can be held shut, and fails with the scripted errors first."""
+    """A MemoryStore whose writes can be held (one permit each), and that fails with scripted errors first."""
 
     def __init__(self, errors: Sequence[Exception] = ()) -> None:
         super().__init__()
         self.errors = list(errors)
         self.calls: list[list[int]] = []
-        self.gate: asyncio.Event | None = None
+        self.permits: asyncio.Semaphore | None = None
 
     async def write(self, batch: Sequence[Point]) -> None:
         self.calls.append([int(p.fields["n"]) for p in batch])
-        if self.gate is not None:
-            await self.gate.wait()
+        if self.permits is not None:
+            await self.permits.acquire()
         if self.errors:
             raise self.errors.pop(0)
         await super().write(batch)
@@ -109,15 +109,19 @@ def test_callbacks_fire_in_order_once_all_their_points_are_written() -> None:
     fired: list[str] = []
 
     async def body() -> None:
-        store.gate = asyncio.Event()
+        store.permits = asyncio.Semaphore(0)
         writer.add(points(1), lambda: fired.append("a"))
         writer.add(points(2, 3), lambda: fired.append("b"))  # spans the first and second batch
         writer.add(points(4), lambda: fired.append("c"))
         await until(lambda: len(store.calls) == 1)
         assert fired == []
-        store.gate.set()
-        await until(lambda: len(store.calls) == 2)
+        store.permits.release()
+        await until(lambda: len(store.calls) == 2)  # the second batch is being written
+        assert fired == ["a"]
+        store.permits.release()
+        await until(lambda: len(fired) == 3)
         assert fired == ["a", "b", "c"]
+        store.permits = None
         writer.add([], lambda: fired.append("d"))  # nothing outstanding: acknowledged at once
         assert fired == ["a", "b", "c", "d"]
 
@@ -194,7 +198,7 @@ def test_backpressure_holds_the_ingest_until_points_are_written() -> None:
     writer = BatchWriter(store, batch_size=3, flush_interval=60, max_pending=5)
 
     async def body() -> None:
-        store.gate = asyncio.Event()
+        store.permits = asyncio.Semaphore(0)
         writer.add(points(1, 2, 3))
         await until(lambda: len(store.calls) == 1)
         writer.add(points(4))
@@ -204,8 +208,9 @@ def test_backpressure_holds_the_ingest_until_points_are_written() -> None:
         waiter = asyncio.create_task(writer.wait_until_not_full())
         await asyncio.sleep(0.02)
         assert not waiter.done()  # nothing was dropped to make room
-        store.gate.set()
+        store.permits.release()
         await asyncio.wait_for(waiter, 1)
+        store.permits = None
         assert not writer.is_full
 
     run(running(writer, body))

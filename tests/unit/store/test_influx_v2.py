@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from typing import Any
 
 import pytest
 import urllib3
+from influxdb_client.client.flux_table import FluxColumn, FluxRecord, FluxTable
 from influxdb_client.rest import ApiException
 from pydantic import SecretStr
 
-from gateway.store.base import Point, Query, RejectedPointsError, RetryableStoreError
+from gateway.store.base import Point, Query, RejectedPointsError, RetryableStoreError, Row
 from gateway.store.influx_v2 import InfluxV2Store, flux_query, flux_string
 
 TOKEN = "tok-Secret-123"
@@ -156,3 +158,63 @@ def test_flux_for_an_aggregate_query() -> None:
     assert '|> aggregateWindow(every: 60000000us, fn: mean, createEmpty: false, timeSrc: "_start")' in text
     first = flux_query("b", Query("m", every=1, aggregate="first"))
     assert "types" not in first and "fn: first" in first
+
+
+class FakeQueryApi:
+    def __init__(self, tables: list[FluxTable]) -> None:
+        self.tables = tables
+        self.seen: list[tuple[str, str]] = []
+
+    def query(self, flux: str, org: str) -> list[FluxTable]:
+        self.seen.append((flux, org))
+        return self.tables
+
+
+def flux_table(group: list[str], others: list[str], records: list[dict[str, Any]]) -> FluxTable:
+    table = FluxTable()
+    labels = ["result", "table", *group, *others]
+    table.columns = [FluxColumn(index, label, "string", label in group) for index, label in enumerate(labels)]
+    table.records = [FluxRecord(0, values) for values in records]
+    return table
+
+
+def test_query_rows_take_tags_from_the_group_key_and_fields_from_the_rest() -> None:
+    when = dt.datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=dt.UTC)
+    common = {"result": "_result", "table": 0, "_start": when, "_stop": when, "_measurement": "m"}
+    tables = [
+        flux_table(
+            ["_start", "_stop", "_measurement", "device", "site"],
+            ["_time", "x", "s"],
+            [
+                {**common, "device": "d2", "site": "", "_time": when, "x": 1.5, "s": None},
+                {
+                    **common,
+                    "device": "d2",
+                    "site": "",
+                    "_time": when + dt.timedelta(seconds=1),
+                    "x": 2.5,
+                    "s": "a",
+                },
+            ],
+        ),
+        flux_table(
+            ["_start", "_stop", "_measurement", "device", "site"],
+            ["_time", "x", "s"],
+            [{**common, "device": "d1", "site": "north", "_time": when, "x": 3, "s": "b"}],
+        ),
+    ]
+    store = make_store(FakeWriteApi())
+    api = FakeQueryApi(tables)
+    store._query_api = api  # type: ignore[assignment]
+
+    async def go() -> list[Row]:
+        rows = await store.query(Query("m", limit=2))
+        await store.close()
+        return rows
+
+    ts = 1_700_000_000.123456
+    assert asyncio.run(go()) == [
+        Row(ts, {"device": "d1", "site": "north"}, {"x": 3, "s": "b"}),
+        Row(ts, {"device": "d2"}, {"x": 1.5}),
+    ]
+    assert api.seen == [(flux_query("bucket", Query("m", limit=2)), "org")]

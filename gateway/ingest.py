@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from devices.dedupe import SeqTracker
 from devices.errors import PayloadError
 from devices.event import TelemetryEvent
 from devices.payload import PayloadDecoder
@@ -75,6 +76,7 @@ class IngestStats:
     events_written: int = 0
     alerts_raised: int = 0
     alerts_cleared: int = 0
+    duplicates: int = 0  # events seen before (same device and seq): stored again, not re-evaluated
     dead_letter_failures: int = 0
     backpressure_pauses: int = 0
 
@@ -106,6 +108,7 @@ class TelemetryIngest:
         self._clock = clock
         self._paused = asyncio.Event()
         self.stats = IngestStats()
+        self._seqs = SeqTracker()
         self.latest: dict[str, TelemetryEvent] = {}  # last event per device, for status views
 
     def on_message(self, message: Message) -> None:
@@ -125,7 +128,10 @@ class TelemetryIngest:
         points: list[Point] = []
         for event in events:
             self.latest[device_id] = event
-            points.append(telemetry_point(event))
+            points.append(telemetry_point(event))  # a redelivery rewrites the same point: idempotent
+            if event.seq is not None and not self._seqs.first_time(device_id, event.seq):
+                stats.duplicates += 1  # already evaluated: rules and commands fire once per message
+                continue
             actions = self._engine.process(event, now)
             if actions:
                 self.execute(actions, points)

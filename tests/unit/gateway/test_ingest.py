@@ -165,3 +165,16 @@ def test_ack_from_an_old_connection_is_not_sent() -> None:
     mqtt.generation = 2  # reconnected before the write finished: the broker will redeliver
     sink.flush()
     assert mqtt.acks == []
+
+
+def test_redelivered_message_is_stored_again_but_fires_once() -> None:
+    ingest, mqtt, sink = make()
+    ingest.on_message(telemetry(1, seq=5, temperature=31.0))  # raises
+    ingest.on_message(telemetry(2, seq=6, temperature=20.0))  # clears
+    ingest.on_message(telemetry(3, seq=5, temperature=31.0))  # redelivered: would raise again
+    sink.flush()
+    measurements = [p.measurement for p in sink.points]
+    assert measurements.count("telemetry") == 3
+    assert measurements.count("alerts") == 2  # one raise, one clear
+    assert len(mqtt.published) == 1  # one fan command
+    assert ingest.stats.duplicates == 1 and mqtt.acks == [1, 2, 3]

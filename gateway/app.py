@@ -19,6 +19,7 @@ from gateway.config import (
     SqliteSettings,
     StoreSettings,
 )
+from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
 from gateway.mqtt import MqttConnection, Subscription
 from gateway.rulefiles import read_rule_dir
@@ -145,6 +146,7 @@ class Gateway:
             clock=clock,
         )
         self.points_rejected = 0
+        self.status_server: StatusServer | None = None
         self.ready = asyncio.Event()
 
     def _on_telemetry(self, message: Any) -> None:
@@ -185,6 +187,10 @@ class Gateway:
                     group.create_task(self.ingest.run_backpressure(), name="backpressure"),
                     group.create_task(self._tick_engine(), name="engine-timers"),
                 ]
+                address = self.settings.http.address
+                if address is not None:
+                    self.status_server = StatusServer(*address, snapshot=self.snapshot)
+                    tasks.append(group.create_task(self.status_server.run(), name="status-http"))
                 self.ready.set()
                 await stop.wait()
                 log.info("stopping: flushing pending writes")
@@ -212,6 +218,8 @@ class Gateway:
             "written": ingest.written,
             "rejected": ingest.rejected,
             "events": ingest.events,
+            "duplicates": ingest.duplicates,
+            "pending_points": self.writer.pending,
             "stored": ingest.events_written,
             "alerts": ingest.alerts_raised + ingest.alerts_cleared,
             "alerts_raised": ingest.alerts_raised,

@@ -151,6 +151,29 @@ class CommandSettings(_Section):
     max_pending: int = Field(10_000, ge=1)
 
 
+class HttpSettings(_Section):
+    """The operations endpoint: Prometheus `/metrics`, `/healthz`, JSON `/status`."""
+
+    listen: str | None = Field(None, description="HOST:PORT, e.g. 127.0.0.1:9464; unset = no endpoint")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, or None when disabled."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class Settings(_Section):
     """The whole gateway configuration."""
 
@@ -160,6 +183,7 @@ class Settings(_Section):
     ingest: IngestSettings = IngestSettings()
     rules: RulesSettings = RulesSettings()
     commands: CommandSettings = CommandSettings()
+    http: HttpSettings = HttpSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

@@ -108,6 +108,25 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from gateway.rulefiles import read_rule_dir
+    from rules.testing import run_rule_tests
+
+    results = run_rule_tests(read_rule_dir(Path(args.dir)))
+    if not results:
+        print(
+            f"error: {args.dir}: no test cases found (a rule file lists them under `tests:`)", file=sys.stderr
+        )
+        return 1
+    for result in results:
+        print(f"{'PASS' if result.passed else 'FAIL'}  {result.file}: {result.name}")
+        if not result.passed:
+            print("\n".join(f"    {line}" for line in result.diff.splitlines()))
+    failed = sum(not result.passed for result in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -277,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rcheck.add_argument("dir", metavar="DIR", help="a directory of *.yaml rule files, or one file")
     rcheck.set_defaults(func=cmd_rules_check)
+    rtest = rules_sub.add_parser(
+        "test",
+        help="run the test cases in rule files",
+        description="Run the `tests:` cases of every rule file in DIR offline with a fake clock; print each "
+        "case and a diff of expected against actual alerts and commands; exit 1 on any failure.",
+    )
+    rtest.add_argument("dir", metavar="DIR", help="a directory of *.yaml rule files, or one file")
+    rtest.set_defaults(func=cmd_rules_test)
 
     demo = sub.add_parser(
         "demo",

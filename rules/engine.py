@@ -1,26 +1,50 @@
 """Evaluate rules against telemetry events and decide what should happen; time is passed in, never read.
 
-Each (rule, device) pair is an alarm, ok or raised. Only raised alarms are stored, per rule, so memory
-follows the number of raised alarms rather than rules x devices, and a later reload can keep the
-state of rules that did not change.
+Each (rule, device) pair is an alarm, ok or raised. Raised alarms are stored per rule, so a later
+reload can keep the state of rules that did not change. Rules that need more than the current event
+(windows, `for`, `min_interval`) also keep a small state object per device they have seen.
+
+Two clocks meet here. Event time (`event.ts`) places readings in windows, starts `for` periods and
+stamps alerts raised or cleared by an event. The gateway clock (`now`, passed to `process` and
+`advance`) runs the timers: a `for` period that completes, an absence, a transition postponed by
+`min_interval`, and command cooldowns. A timer scheduled while processing an event is due at that
+event's `now` plus the duration, and the alert it raises is stamped with its due time.
+
+Late events: the engine keeps each device's newest event time. An event older than that by more than
+the rule file's `lateness` is late for the rule: it is not added to the rule's windows and does not
+change its alarm, and the engine counts it once in `late_events` (the gateway still stores it as
+telemetry). Absence rules are the exception: any event, late or not, shows the device is alive.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import heapq
+import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from devices.event import FieldValue, TelemetryEvent
 from rules.action import Action, AlertState, RecordAlert, SendCommand, Severity
-from rules.expression import EVALUATION_ERRORS, Expression, Predicate
-from rules.model import ActionStep, CommandSpec, Rule, RuleSet
+from rules.expression import EVALUATION_ERRORS, Expression, Extractor, Predicate, WindowSpec
+from rules.model import DEFAULT_LATENESS, CommandSpec, NOfM, Rule, RuleSet
+from rules.window import CountWindow, SlidingWindow, TimeWindow, needs_of
 
 # Per-device rule lists are cached; past this many device ids the cache starts over, so ids that
 # come and go cannot grow it without bound. Rebuilding an entry costs one selector match per rule.
 PLAN_CACHE_LIMIT = 100_000
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+# How a compiled rule is run: inline on the hot path, through its per-device state, or by the clock.
+_PLAIN: Final = 0
+_STATEFUL: Final = 1
+_ABSENT: Final = 2
+# Timer kinds.
+_HOLD_DONE: Final = 0  # a `for` period has run out
+_SILENT: Final = 1  # an absence period may have run out
+_POSTPONED: Final = 2  # a transition held back by `min_interval` may now happen
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,68 +64,342 @@ class _Alarm:
     values: Mapping[str, FieldValue]
 
 
+@dataclass(frozen=True, slots=True)
+class _Postponed:
+    raise_: bool
+    values: dict[str, FieldValue]
+    fields: Mapping[str, FieldValue]
+
+
 class _Check:
     """One compiled condition, plus the field whose absence lets the hot path skip it."""
 
-    __slots__ = ("skip_unless", "test")
+    __slots__ = ("negative", "skip_unless", "test")
 
     def __init__(self, expression: Expression) -> None:
         self.test: Predicate = expression.is_true
+        self.negative: Predicate = expression.is_false
         # The predicate reads only `expression.fields`, so on an event carrying none of them it
         # answers as on an empty event; when that answer is "no", the event can go unevaluated.
         # Measured (10 rules, 1-2 fields per event): a dict `in` test costs ~15 ns against ~60 ns for
         # the call, while a set-disjointness test costs ~45 ns, about what the predicate's own
         # early exit costs; so only single-field conditions, the common case, get a skip test.
-        skippable = len(expression.fields) == 1 and not expression.is_true({})
+        # Windowed conditions change as windows move, so they are never skipped.
+        skippable = len(expression.fields) == 1 and not expression.windows and not expression.is_true({})
         self.skip_unless = expression.fields[0] if skippable else None
 
 
-class _CompiledRule:
-    """A rule ready for the hot path, plus the alarms it has raised, by device id."""
+class _DeviceState:
+    """What a stateful rule remembers about one device."""
 
-    __slots__ = ("alarms", "clear", "clear_fields", "matches", "raise_", "raise_fields", "rule")
+    __slots__ = ("clear_windows", "held_fields", "history", "hold_due", "holding", "when_windows", "windows")
+
+    def __init__(
+        self, windows: list[SlidingWindow], when_slots: Sequence[int], clear_slots: Sequence[int]
+    ) -> None:
+        self.windows = tuple(windows)
+        self.when_windows = tuple(windows[i] for i in when_slots)
+        self.clear_windows = tuple(windows[i] for i in clear_slots)
+        self.holding: float | None = None  # event time since which `when` has held (for `for:`)
+        self.hold_due = 0.0  # gateway time that period's timer is due; older timers are stale
+        self.held_fields: Mapping[str, FieldValue] = {}  # the last event `when` held on
+        self.history = 0  # N-of-M: the last outcomes of `when` as bits, newest lowest
+
+
+def _merge_windows(expressions: Iterable[Expression]) -> list[WindowSpec]:
+    merged: dict[tuple[str, bool, float, str], WindowSpec] = {}
+    for expression in expressions:
+        for spec in expression.windows:
+            seen = merged.get(spec.key)
+            functions = spec.functions | (seen.functions if seen is not None else frozenset())
+            merged[spec.key] = WindowSpec(spec.key, spec.by_count, spec.size, spec.extract, functions)
+    return list(merged.values())
+
+
+def _new_window(spec: WindowSpec) -> SlidingWindow:
+    needs = needs_of(spec.functions)
+    if spec.by_count:
+        return CountWindow(int(spec.size), needs)
+    return TimeWindow(spec.size, needs)
+
+
+class _CompiledRule:
+    """A rule ready for the hot path, plus its alarms and per-device state."""
+
+    __slots__ = (
+        "absent",
+        "alarms",
+        "armed",
+        "changed",
+        "clear",
+        "clear_expression",
+        "clear_fields",
+        "clear_slots",
+        "extractors",
+        "hold",
+        "kind",
+        "lateness",
+        "matches",
+        "min_interval",
+        "n_of_m",
+        "postponed",
+        "raise_",
+        "raise_fields",
+        "rule",
+        "sent",
+        "specs",
+        "states",
+        "when_expression",
+        "when_slots",
+    )
 
     def __init__(self, rule: Rule) -> None:
-        clear = rule.clear_condition
         self.rule = rule
+        self.matches = _device_matcher(rule.devices)
+        self.alarms: dict[str, _Alarm] = {}
+        self.lateness = rule.lateness if rule.lateness is not None else DEFAULT_LATENESS
+        self.min_interval = rule.min_interval
+        self.changed: dict[str, float] = {}  # gateway time of each device's last transition
+        self.postponed: dict[str, _Postponed] = {}
+        self.sent: dict[tuple[str, bool, int], float] = {}  # (device, on raise, step) -> last send
+        self.states: dict[str, _DeviceState] = {}
+        self.armed: set[str] = set()  # absence: devices with a pending silence timer
+        self.absent = rule.absent
+        self.hold = rule.hold if isinstance(rule.hold, float) else None
+        self.n_of_m = rule.hold if isinstance(rule.hold, NOfM) else None
+        if rule.when is None:
+            self.kind = _ABSENT
+            self.specs: list[WindowSpec] = []
+            self.extractors: tuple[Extractor, ...] = ()
+            self.when_slots: tuple[int, ...] = ()
+            self.clear_slots: tuple[int, ...] = ()
+            return
+        clear = rule.clear_condition
+        self.when_expression = rule.when
+        self.clear_expression = clear
         self.raise_ = _Check(rule.when)
         self.clear = _Check(clear)
         self.raise_fields = rule.when.fields
         self.clear_fields = clear.fields
-        self.matches = _device_matcher(rule.devices)
-        self.alarms: dict[str, _Alarm] = {}
+        self.specs = _merge_windows((rule.when, clear))
+        keys = [spec.key for spec in self.specs]
+        self.extractors = tuple(spec.extract for spec in self.specs)
+        self.when_slots = tuple(keys.index(spec.key) for spec in rule.when.windows)
+        self.clear_slots = tuple(keys.index(spec.key) for spec in clear.windows)
+        stateful = self.specs or rule.hold is not None or rule.min_interval > 0
+        self.kind = _STATEFUL if stateful else _PLAIN
 
-    def transition(self, event: TelemetryEvent, state: AlertState) -> list[Action]:
-        """Record the raise or clear of this rule's alarm for the event's device; return the actions."""
-        rule = self.rule
+    # -- events ------------------------------------------------------------------------------------
+
+    def on_event(self, engine: RuleEngine, event: TelemetryEvent, now: float, actions: list[Action]) -> None:
+        """Update this rule's windows and alarm for one event (the non-plain rules)."""
+        device_id = event.device_id
         fields = event.fields
-        read = self.raise_fields if state == "raised" else self.clear_fields
-        values = {name: fields[name] for name in read if name in fields}
-        if state == "raised":
-            self.alarms[event.device_id] = _Alarm(event.ts, dict(values))  # its own copy, safe from consumers
-        else:
-            del self.alarms[event.device_id]
-        return _actions(rule, rule.on_raise if state == "raised" else rule.on_clear, event, state, values)
-
-
-def _actions(
-    rule: Rule,
-    steps: Sequence[ActionStep],
-    event: TelemetryEvent,
-    state: AlertState,
-    values: dict[str, FieldValue],
-) -> list[Action]:
-    actions: list[Action] = []
-    for step in steps:
-        if isinstance(step, CommandSpec):
-            # A copy per command: whoever sends it may add to it without changing the rule.
-            actions.append(SendCommand(event.device_id, step.name, dict(step.params), rule.id))
-        else:
-            message = rule.render_message(event.fields)
-            actions.append(
-                RecordAlert(rule.id, event.device_id, state, rule.severity, event.ts, message, values)
+        ts = event.ts
+        state = self.states.get(device_id)
+        if state is None:
+            state = self.states[device_id] = _DeviceState(
+                [_new_window(spec) for spec in self.specs], self.when_slots, self.clear_slots
             )
-    return actions
+        for window, extract in zip(state.windows, self.extractors, strict=True):
+            try:
+                value = extract(fields)
+            except EVALUATION_ERRORS:
+                engine.evaluation_errors += 1
+                value = None
+            window.update(ts, value)
+        raised = device_id in self.alarms
+        hold = self.hold
+        if not raised and hold is not None and state.holding is not None and ts - state.holding >= hold:
+            # `when` held from `holding` up to this event, which is past the period: the raise was due
+            # before this event arrived (the clock had not ticked yet), so it comes first.
+            due = state.holding + hold
+            self.transition(engine, device_id, True, due, now, state.held_fields, actions, state)
+            raised = device_id in self.alarms
+        if raised:
+            check, windows = self.clear, state.clear_windows
+        else:
+            check, windows = self.raise_, state.when_windows
+        try:
+            holds = check.test(fields, windows)
+            # "Definitely not" matters only to undo something: a running `for`, N-of-M, a postponement.
+            denied = not holds and (
+                self.n_of_m is not None
+                or (state.holding is not None and not raised)
+                or device_id in self.postponed
+            )
+            if denied:
+                denied = check.negative(fields, windows)
+        except EVALUATION_ERRORS:
+            engine.evaluation_errors += 1
+            return
+        if denied and self.postponed.pop(device_id, None) is not None:
+            return  # the condition that asked for the postponed transition no longer holds
+        if raised:
+            if holds:
+                self.transition(engine, device_id, False, ts, now, fields, actions, state)
+            return
+        if self.n_of_m is not None:
+            if holds or denied:
+                mask = (1 << self.n_of_m.of) - 1
+                state.history = ((state.history << 1) | holds) & mask
+                if state.history.bit_count() >= self.n_of_m.count:
+                    self.transition(engine, device_id, True, ts, now, fields, actions, state)
+            return
+        if hold is None:
+            if holds:
+                self.transition(engine, device_id, True, ts, now, fields, actions, state)
+            return
+        if holds:
+            state.held_fields = fields
+            if state.holding is None:
+                state.holding = ts
+                if hold == 0:
+                    self.transition(engine, device_id, True, ts, now, fields, actions, state)
+                else:
+                    state.hold_due = now + hold
+                    engine.schedule(state.hold_due, _HOLD_DONE, self, device_id)
+        elif denied:
+            state.holding = None
+
+    def on_absent_event(
+        self, engine: RuleEngine, event: TelemetryEvent, now: float, actions: list[Action]
+    ) -> None:
+        """Clear the device's absence alarm, if raised, and make sure a silence timer is running."""
+        device_id = event.device_id
+        if device_id in self.alarms:
+            self.transition(engine, device_id, False, event.ts, now, event.fields, actions, None)
+        if device_id not in self.armed:
+            self.armed.add(device_id)
+            assert self.absent is not None
+            engine.schedule(now + self.absent, _SILENT, self, device_id)
+
+    # -- timers ------------------------------------------------------------------------------------
+
+    def on_timer(
+        self, engine: RuleEngine, kind: int, due: float, device_id: str, actions: list[Action]
+    ) -> None:
+        """Act on a timer that has come due (it may have been overtaken by events since)."""
+        if kind == _SILENT:
+            assert self.absent is not None
+            if device_id in self.alarms:
+                self.armed.discard(device_id)
+                return
+            seen = engine.last_seen(device_id)
+            silent_until = seen + self.absent
+            if silent_until > due:
+                engine.schedule(silent_until, _SILENT, self, device_id)
+                return
+            self.armed.discard(device_id)
+            self.transition(engine, device_id, True, silent_until, silent_until, {}, actions, None)
+        elif kind == _HOLD_DONE:
+            state = self.states.get(device_id)
+            if state is None or state.holding is None or state.hold_due != due or self.hold is None:
+                return  # the period was broken (a newer one has its own timer) or already raised
+            if device_id in self.alarms:
+                return
+            event_due = state.holding + self.hold
+            self.transition(engine, device_id, True, event_due, due, state.held_fields, actions, state)
+        else:
+            postponed = self.postponed.pop(device_id, None)
+            if postponed is None or postponed.raise_ == (device_id in self.alarms):
+                return
+            state = self.states.get(device_id)
+            self._apply(
+                engine,
+                device_id,
+                postponed.raise_,
+                due,
+                due,
+                postponed.values,
+                postponed.fields,
+                actions,
+                state,
+            )
+
+    # -- transitions -------------------------------------------------------------------------------
+
+    def transition(
+        self,
+        engine: RuleEngine,
+        device_id: str,
+        raise_: bool,
+        ts: float,
+        now: float,
+        fields: Mapping[str, FieldValue],
+        actions: list[Action],
+        state: _DeviceState | None,
+    ) -> None:
+        """Raise or clear the alarm of `device_id`, unless `min_interval` postpones it."""
+        values = self.values(raise_, fields, state)
+        if self.min_interval:
+            last = self.changed.get(device_id)
+            if last is not None and now - last < self.min_interval:
+                if device_id not in self.postponed:
+                    engine.schedule(last + self.min_interval, _POSTPONED, self, device_id)
+                self.postponed[device_id] = _Postponed(raise_, values, fields)
+                return
+        self._apply(engine, device_id, raise_, ts, now, values, fields, actions, state)
+
+    def _apply(
+        self,
+        engine: RuleEngine,
+        device_id: str,
+        raise_: bool,
+        ts: float,
+        now: float,
+        values: dict[str, FieldValue],
+        fields: Mapping[str, FieldValue],
+        actions: list[Action],
+        state: _DeviceState | None,
+    ) -> None:
+        rule = self.rule
+        self.postponed.pop(device_id, None)
+        if self.min_interval:
+            self.changed[device_id] = now
+        if raise_:
+            self.alarms[device_id] = _Alarm(ts, values)
+            if state is not None:
+                state.holding = None
+                state.history = 0
+        else:
+            del self.alarms[device_id]
+        state_name: AlertState = "raised" if raise_ else "cleared"
+        steps = rule.on_raise if raise_ else rule.on_clear
+        for index, step in enumerate(steps):
+            if isinstance(step, CommandSpec):
+                if step.cooldown:
+                    key = (device_id, raise_, index)
+                    last = self.sent.get(key)
+                    if last is not None and now - last < step.cooldown:
+                        engine.suppressed_commands += 1
+                        continue
+                    self.sent[key] = now
+                # A copy per command: whoever sends it may add to it without changing the rule.
+                actions.append(SendCommand(device_id, step.name, dict(step.params), rule.id))
+            else:
+                message = rule.render_message(fields)
+                # Its own copy of the values, safe from consumers.
+                actions.append(
+                    RecordAlert(rule.id, device_id, state_name, rule.severity, ts, message, dict(values))
+                )
+
+    def values(
+        self, raise_: bool, fields: Mapping[str, FieldValue], state: _DeviceState | None
+    ) -> dict[str, FieldValue]:
+        """Return the values behind a transition: the fields and windowed results its condition read."""
+        if self.kind == _ABSENT:
+            return {}
+        read = self.raise_fields if raise_ else self.clear_fields
+        values = {name: fields[name] for name in read if name in fields}
+        if state is not None:
+            expression = self.when_expression if raise_ else self.clear_expression
+            windows = state.when_windows if raise_ else state.clear_windows
+            for use in expression.uses:
+                result = use.value(windows)
+                if result is not None:
+                    values[use.source] = result
+        return values
 
 
 def _device_matcher(patterns: Sequence[str] | None) -> Callable[[str], bool]:
@@ -119,32 +417,67 @@ def _device_matcher(patterns: Sequence[str] | None) -> Callable[[str], bool]:
 class RuleEngine:
     """Run a rule set over events: `process` each event, call `advance` as time passes.
 
+    Args:
+        rule_set: the rules to run.
+        known_devices: device ids from the registry; absence rules cover them even if they never
+            report, counting from the first time the engine is given (`process` or `advance`).
+
     Attributes:
         events: events processed.
         evaluation_errors: evaluations that failed on the event's data (a string compared with a
             number, a division by zero) and so counted as not firing.
+        late_events: events older than a rule's allowed lateness, so skipped by that rule.
+        suppressed_commands: commands not sent because their `cooldown` had not passed.
     """
 
-    def __init__(self, rule_set: RuleSet) -> None:
+    def __init__(self, rule_set: RuleSet, *, known_devices: Iterable[str] = ()) -> None:
         self.rule_set = rule_set
         self.events = 0
         self.evaluation_errors = 0
+        self.late_events = 0
+        self.suppressed_commands = 0
         self._rules = tuple(_CompiledRule(rule) for rule in rule_set)
+        self._absence = tuple(compiled for compiled in self._rules if compiled.kind == _ABSENT)
         self._plans: dict[str, tuple[_CompiledRule, ...]] = {}
+        self._newest: dict[str, float] = {}  # newest event time per device, for lateness
+        self._seen: dict[str, float] = {}  # gateway time of each device's last event (absence rules)
+        self._known = tuple(known_devices)
+        self._start: float | None = None
+        self._timers: list[tuple[float, int, int, _CompiledRule, str]] = []
+        self._sequence = itertools.count()  # breaks ties between timers due at the same time
 
     def process(self, event: TelemetryEvent, now: float) -> list[Action]:
-        """Evaluate the event against the rules for its device and return the resulting actions.
-
-        `now` is the gateway's clock; no rule kind needs it yet (alerts carry the event time).
-        """
+        """Evaluate the event against the rules for its device and return the resulting actions."""
         self.events += 1
+        if self._start is None:
+            self._begin(now)
         device_id = event.device_id
         plan = self._plans.get(device_id)
         if plan is None:
             plan = self._plan(device_id)
+        ts = event.ts
+        newest = self._newest.get(device_id)
+        lag = 0.0
+        if newest is None or ts > newest:
+            self._newest[device_id] = ts
+        else:
+            lag = newest - ts
+        if self._absence:
+            self._seen[device_id] = now
         fields = event.fields
         actions: list[Action] = []
+        late = False
         for compiled in plan:
+            kind = compiled.kind
+            if kind == _ABSENT:
+                compiled.on_absent_event(self, event, now, actions)
+                continue
+            if lag and lag > compiled.lateness:
+                late = True
+                continue
+            if kind == _STATEFUL:
+                compiled.on_event(self, event, now, actions)
+                continue
             raised = device_id in compiled.alarms
             check = compiled.clear if raised else compiled.raise_
             key = check.skip_unless
@@ -156,12 +489,39 @@ class RuleEngine:
                 self.evaluation_errors += 1
                 continue
             if fires:
-                actions += compiled.transition(event, "cleared" if raised else "raised")
+                compiled.transition(self, device_id, not raised, ts, now, fields, actions, None)
+        if late:
+            self.late_events += 1
         return actions
 
     def advance(self, now: float) -> list[Action]:
-        """Return the actions due by `now` without an event (none yet: no rule kind has timers)."""
-        return []
+        """Fire the timers due by `now` (`for` periods, absences, postponed transitions), in due order."""
+        if self._start is None:
+            self._begin(now)
+        timers = self._timers
+        if not timers or timers[0][0] > now:
+            return []
+        actions: list[Action] = []
+        while timers and timers[0][0] <= now:
+            due, _, kind, compiled, device_id = heapq.heappop(timers)
+            compiled.on_timer(self, kind, due, device_id, actions)
+        return actions
+
+    def add_known_devices(self, device_ids: Iterable[str], now: float) -> None:
+        """Cover more registry devices with the absence rules, counting their silence from `now`."""
+        if self._start is None:
+            self._begin(now)
+        for compiled in self._absence:
+            for device_id in device_ids:
+                if (
+                    device_id not in compiled.armed
+                    and device_id not in compiled.alarms
+                    and compiled.matches(device_id)
+                ):
+                    self._seen.setdefault(device_id, now)
+                    compiled.armed.add(device_id)
+                    assert compiled.absent is not None
+                    self.schedule(now + compiled.absent, _SILENT, compiled, device_id)
 
     def active_alarms(self) -> list[AlarmStatus]:
         """List the raised alarms, in rule order and then by device id."""
@@ -170,6 +530,23 @@ class RuleEngine:
             for compiled in self._rules
             for device_id, alarm in sorted(compiled.alarms.items())
         ]
+
+    def schedule(self, due: float, kind: int, compiled: _CompiledRule, device_id: str) -> None:
+        """Have `advance` call back `compiled` for `device_id` once the clock reaches `due`."""
+        heapq.heappush(self._timers, (due, next(self._sequence), kind, compiled, device_id))
+
+    def last_seen(self, device_id: str) -> float:
+        """Return the gateway time of the device's last event (or when the engine started)."""
+        seen = self._seen.get(device_id)
+        if seen is not None:
+            return seen
+        assert self._start is not None
+        return self._start
+
+    def _begin(self, now: float) -> None:
+        self._start = now
+        if self._known:
+            self.add_known_devices(self._known, now)
 
     def _plan(self, device_id: str) -> tuple[_CompiledRule, ...]:
         if len(self._plans) >= PLAN_CACHE_LIMIT:

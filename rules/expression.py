@@ -11,12 +11,28 @@ The language is a whitelisted subset of Python expression syntax, parsed with `a
 Names are the metric fields of the event. Anything else (attributes, indexing, other calls, `**`,
 lambdas, comprehensions, f-strings, ...) is rejected when the rule file is loaded, with the column.
 
+Windowed functions are values too; their last argument is a window, a time (`30s`, `5m`, `1.5h`,
+`250ms`, `1d`) or a number of readings (`10 events`, `1 event`):
+
+    avg(value, W)  min(value, W)  max(value, W)  sum(value, W)  count(value, W)  stddev(value, W)
+    first(value, W)  last(value, W)  delta(value, W)  rate(value, W)  percentile(value, q, W)
+    count_if(condition, W)
+
+`value` is any value expression without windows (`avg(temperature - setpoint, 5m)`), `q` a number
+from 0 to 100, and `min`/`max` with a window as their last argument are the windowed ones (with
+plain values they stay the scalar `min(a, b, ...)`). A reading joins the window when the value is
+known (every field it reads is present); `count_if` counts the readings for which the condition
+definitely held. What each function returns, and how windows move, is in `rules.window`. An empty
+window is unknown, except `count`, `count_if` and `sum`, which are 0.
+
 Missing fields use three-valued logic: a comparison that reads a field the event lacks is *unknown*,
 neither true nor false, and so is its negation; `and`/`or` combine unknowns the way SQL does
 (`false and unknown` is false, `true or unknown` is true). A rule fires only on a definite result,
 so `not (temperature > 30)` does not clear an alarm on an event that carries no temperature.
 `has(field)` is never unknown. Each expression is compiled once into two plain Python functions,
-`is_true` and `is_false` (`is_false` is what the default `clear: not (when)` runs).
+`is_true(fields, windows)` and `is_false(fields, windows)` (`is_false` is what the default
+`clear: not (when)` runs). `windows` holds one window object per entry of `Expression.windows`, owned
+by the engine per device; an expression without windows takes just `fields`.
 
 Evaluation may still raise one of `EVALUATION_ERRORS` on bad data (a string compared with a number,
 a division by zero); the engine counts those and treats the expression as not firing.
@@ -26,15 +42,25 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from devices.errors import TidegateInputError
 from devices.event import FieldValue
 from devices.payload import FIELD_NAME_RE, RESERVED_KEYS
+from rules.window import FUNCTIONS as WINDOW_FUNCTIONS
+from rules.window import MAX_COUNT_WINDOW, EmptyWindow, Window
 
-Predicate = Callable[[Mapping[str, FieldValue]], bool]
+
+class Predicate(Protocol):
+    """A compiled condition: fields of one event, plus the expression's windows if it has any."""
+
+    def __call__(self, fields: Mapping[str, FieldValue], windows: Sequence[Window] = (), /) -> bool: ...
+
+
+Extractor = Callable[[Mapping[str, FieldValue]], "float | None"]
 
 EVALUATION_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, ArithmeticError)
 
@@ -98,7 +124,25 @@ _NODE_NAMES: dict[type[ast.AST], str] = {
     ast.YieldFrom: "yield",
     ast.Slice: "slice",
 }
-_FUNCTIONS = ("abs", "min", "max", "round", "has")
+_FUNCTIONS = (
+    "abs",
+    "min",
+    "max",
+    "round",
+    "has",
+    *(name for name in WINDOW_FUNCTIONS if name not in ("min", "max")),
+    "count_if",
+)
+# A window literal (`5m`, `250ms`, `10 events`) is not Python. Before parsing, each one is replaced by
+# a complex literal of the same length (`5j`, `250j `, `10j      `), so every column stays where the
+# author put it, and the compiler looks the original up by position. Strings are matched first so
+# that a '5m' inside quotes is left alone.
+_WINDOW_LITERAL_RE = re.compile(
+    r"""'(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?"""
+    r"|(?<![\w.])(\d+(?:\.\d+)?)(?:(ms|s|m|h|d)|\s+(events?))(?![\w.])"
+)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_WINDOW_SECONDS = 31 * 86400.0
 _EXPECTED_VALUE = "a field, number, string, True/False, arithmetic (+ - * / %) or abs/min/max/round"
 _EXPECTED_CONDITION = "a comparison, has(field), and/or/not, True/False or a bool field"
 
@@ -141,20 +185,64 @@ _RUNTIME: dict[str, object] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """One window an expression reads: what goes in, how long it is, which functions read it.
+
+    Windows with equal `key` hold the same readings, so a rule keeps one per device for all of them.
+    """
+
+    key: tuple[str, bool, float, str]  # (value or condition AST, by count, size, "value"/"if")
+    by_count: bool
+    size: float  # seconds, or a number of readings when `by_count`
+    extract: Extractor = field(compare=False)  # the reading an event adds, or None for none
+    functions: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    """One windowed call in an expression, e.g. `avg(temperature, 5m)`: window index and function."""
+
+    source: str
+    window: int
+    function: str
+    q: float | None = None
+
+    def value(self, windows: Sequence[Window]) -> float | None:
+        """Return the call's current value over `windows` (the expression's windows)."""
+        window = windows[self.window]
+        if self.q is not None:
+            return window.percentile(self.q)
+        result: float | None = getattr(window, self.function)()
+        return result
+
+
 class Expression:
     """A checked, compiled condition; compare and hash by source text."""
 
-    __slots__ = ("fields", "is_false", "is_true", "source")
+    __slots__ = ("fields", "is_false", "is_true", "source", "uses", "windows")
 
-    def __init__(self, source: str, fields: tuple[str, ...], is_true: Predicate, is_false: Predicate) -> None:
+    def __init__(
+        self,
+        source: str,
+        fields: tuple[str, ...],
+        is_true: Predicate,
+        is_false: Predicate,
+        windows: tuple[WindowSpec, ...] = (),
+        uses: tuple[WindowUse, ...] = (),
+    ) -> None:
         self.source = source
-        self.fields = fields  # every field read, in order of first appearance
+        self.fields = fields  # every field read, in order of first appearance (inside windows too)
         self.is_true = is_true
         self.is_false = is_false
+        self.windows = windows
+        self.uses = uses
 
     def negated(self) -> Expression:
         """Return `not (self)`, sharing the compiled functions."""
-        return Expression(f"not ({self.source})", self.fields, self.is_false, self.is_true)
+        return Expression(
+            f"not ({self.source})", self.fields, self.is_false, self.is_true, self.windows, self.uses
+        )
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -170,7 +258,14 @@ class Expression:
 class _Value:
     code: str
     kind: Kind
-    fields: frozenset[str]
+    fields: frozenset[str]  # the local variables it reads that may be None (fields, window results)
+
+
+@dataclass(frozen=True, slots=True)
+class _WindowLiteral:
+    size: float
+    by_count: bool
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +277,15 @@ class _Condition:
 class _Compiler:
     """Check an expression AST against the whitelist and emit Python source for it."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, literals: Mapping[int, _WindowLiteral], *, nested: bool = False) -> None:
         self.source = source
+        self.literals = literals  # window literals by byte offset in `source`
+        self.nested = nested  # compiling the value inside a windowed call: no windows there
         self.variables: dict[str, str] = {}  # field name -> local variable in the generated function
+        self.order: dict[str, int] = {}  # local variable -> position, for a stable `is not None` order
+        self.windows: dict[tuple[str, bool, float, str], WindowSpec] = {}
+        self.calls: dict[tuple[int, str, float | None], str] = {}  # (window, function, q) -> local
+        self.uses: list[WindowUse] = []
 
     def error(self, node: ast.AST, reason: str, *, offset: int | None = None) -> ExpressionError:
         encoded = self.source.encode()
@@ -217,7 +318,8 @@ class _Compiler:
         if FIELD_NAME_RE.match(name) is None:
             raise self.error(node, f"{name!r} is not a valid field name")
         if name not in self.variables:
-            self.variables[name] = f"v{len(self.variables)}"
+            var = self.variables[name] = f"v{len(self.variables)}"
+            self.order[var] = len(self.order)
         return self.variables[name]
 
     def describe(self, node: ast.AST) -> str:
@@ -289,17 +391,18 @@ class _Compiler:
             operands.append(value)
             code += [symbol, value.code]
         comparison = " ".join(code)
-        fields = sorted(frozenset().union(*(o.fields for o in operands)), key=list(self.variables).index)
+        fields = sorted(frozenset().union(*(o.fields for o in operands)), key=self.order.__getitem__)
         if not fields:
             return _Condition(f"({comparison})", f"(not ({comparison}))")
-        known = " and ".join(f"{self.variables[f]} is not None" for f in fields)
+        known = " and ".join(f"{var} is not None" for var in fields)
         return _Condition(f"({known} and ({comparison}))", f"({known} and not ({comparison}))")
 
     def value(self, node: ast.expr, depth: int) -> _Value:
         if depth > MAX_DEPTH:
             raise self.error(node, f"expression is nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, ast.Name):
-            return _Value(self.field(node, node.id), "any", frozenset({node.id}))
+            var = self.field(node, node.id)
+            return _Value(var, "any", frozenset({var}))
         if isinstance(node, ast.Constant):
             return self.constant(node)
         if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC_OPS:
@@ -319,6 +422,13 @@ class _Compiler:
 
     def constant(self, node: ast.Constant) -> _Value:
         value = node.value
+        literal = self.literals.get(node.col_offset)
+        if literal is not None:
+            raise self.error(
+                node,
+                f"a window ({literal.text}) goes only as the last argument of a windowed function, "
+                f"like avg(temperature, {literal.text})",
+            )
         if isinstance(value, bool):
             return _Value(repr(value), "bool", frozenset())
         if isinstance(value, str):
@@ -350,6 +460,11 @@ class _Compiler:
             raise self.error(node, "has() is a condition; use it on its own or with and/or/not")
         if node.keywords or any(isinstance(arg, ast.Starred) for arg in node.args):
             raise self.error(node, f"{name}() takes plain positional arguments")
+        literal = self.window_literal(node.args[-1]) if node.args else None
+        if name == "count_if" or (
+            name in WINDOW_FUNCTIONS and (literal is not None or name not in ("min", "max"))
+        ):
+            return self.window_call(node, name, literal, depth)
         if name == "abs":
             if len(node.args) != 1:
                 raise self.error(node, "abs() takes exactly one argument")
@@ -366,6 +481,72 @@ class _Compiler:
         code = f"_{name}({', '.join(arg.code for arg in args)})"
         return _Value(code, kinds.pop() if kinds else "any", frozenset().union(*(arg.fields for arg in args)))
 
+    def window_literal(self, node: ast.expr) -> _WindowLiteral | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, complex):
+            return self.literals.get(node.col_offset)
+        return None
+
+    def window_call(self, node: ast.Call, name: str, literal: _WindowLiteral | None, depth: int) -> _Value:
+        what = "a condition" if name == "count_if" else "a value"
+        shape = f"{name}(<{what[2:]}>, {'<percentile>, ' if name == 'percentile' else ''}<window>)"
+        if literal is None:
+            raise self.error(
+                node,
+                f"{name}() needs a window as its last argument: {shape}, where the window is a time "
+                "like 5m or a count like 10 events",
+            )
+        if self.nested:
+            raise self.error(node, f"{name}(): windowed functions cannot be nested")
+        arity = 3 if name == "percentile" else 2
+        if len(node.args) != arity:
+            raise self.error(node, f"{name}() takes {arity} arguments: {shape}")
+        if literal.by_count and (
+            literal.size != int(literal.size) or not 1 <= literal.size <= MAX_COUNT_WINDOW
+        ):
+            raise self.error(
+                node.args[-1], f"a count window is a whole number of events from 1 to {MAX_COUNT_WINDOW}"
+            )
+        if not literal.by_count and not 0 < literal.size <= MAX_WINDOW_SECONDS:
+            raise self.error(node.args[-1], "a time window is longer than 0 and at most 31d")
+        q = None
+        if name == "percentile":
+            q = _number_literal(node.args[1])
+            if q is None or not 0 <= q <= 100:
+                raise self.error(
+                    node.args[1], "percentile() takes a number from 0 to 100 as its second argument"
+                )
+        arg = node.args[0]
+        inner = _Compiler(self.source, self.literals, nested=True)
+        if name == "count_if":
+            body = f"1.0 if {inner.condition(arg, depth + 1).true} else None"
+        else:
+            value = inner.number(arg, depth)
+            known = " and ".join(
+                f"{var} is not None" for var in sorted(value.fields, key=inner.order.__getitem__)
+            )
+            body = f"{value.code} if {known} else None" if known else value.code
+        for field_name in inner.variables:
+            self.field(arg, field_name)  # the rule reads these fields too (alert values, skip tests)
+        kind = "if" if name == "count_if" else "value"
+        key = (ast.dump(arg), literal.by_count, literal.size, kind)
+        spec = self.windows.get(key)
+        index = list(self.windows).index(key) if spec is not None else len(self.windows)
+        function = "count" if name == "count_if" else name
+        if spec is None:
+            extract: Extractor = _build("extract", body, inner.variables)  # type: ignore[assignment]
+            spec = WindowSpec(key, literal.by_count, literal.size, extract)
+        self.windows[key] = WindowSpec(
+            key, spec.by_count, spec.size, spec.extract, spec.functions | {function}
+        )
+        call = (index, function, q)
+        var = self.calls.get(call)
+        if var is None:
+            var = self.calls[call] = f"a{len(self.calls)}"
+            self.order[var] = len(self.order)
+            source = ast.get_source_segment(self.source, node) or name
+            self.uses.append(WindowUse(" ".join(source.split()), index, function, q))
+        return _Value(var, "number", frozenset({var}))
+
     def round(self, node: ast.Call, depth: int) -> _Value:
         if len(node.args) not in (1, 2):
             raise self.error(node, "round() takes a value and optionally a number of digits")
@@ -380,6 +561,35 @@ class _Compiler:
                 f"round() digits must be a whole number from -{MAX_ROUND_DIGITS} to {MAX_ROUND_DIGITS}",
             )
         return _Value(f"_round({arg.code}, {digits})", "number", arg.fields)
+
+
+def _number_literal(node: ast.expr) -> float | None:
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int | float)
+        and not isinstance(node.value, bool)
+    ):
+        return float(node.value)
+    return None
+
+
+def _window_literals(text: str) -> tuple[str, dict[int, _WindowLiteral]]:
+    """Replace window literals by same-length complex literals; return the text and them by byte offset."""
+    literals: dict[int, _WindowLiteral] = {}
+    parts: list[str] = []
+    done = 0
+    for match in _WINDOW_LITERAL_RE.finditer(text):
+        number = match.group(1)
+        if number is None:  # a string literal: left as it is
+            continue
+        unit, events = match.group(2), match.group(3)
+        size = float(number) * _UNIT_SECONDS[unit] if unit else float(number)
+        start = match.start()
+        literals[len(text[:start].encode())] = _WindowLiteral(size, events is not None, match.group(0))
+        parts += [text[done:start], f"{number}j".ljust(len(match.group(0)))]
+        done = match.end()
+    parts.append(text[done:])
+    return "".join(parts), literals
 
 
 def _int_literal(node: ast.expr) -> int | None:
@@ -403,8 +613,9 @@ def compile_expression(source: str) -> Expression:
             f"expression is longer than {MAX_SOURCE_LENGTH} characters", source=source, column=1
         )
     indent = len(text) - len(stripped)
+    parsed, literals = _window_literals(stripped)
     try:
-        tree = ast.parse(stripped, mode="eval")
+        tree = ast.parse(parsed, mode="eval")
     except SyntaxError as exc:
         offset = exc.offset or 0
         # CPython reports "unexpected end" errors at offset 0 or past the end; point after the text.
@@ -415,32 +626,39 @@ def compile_expression(source: str) -> Expression:
         raise ExpressionError("expression is nested too deeply", source=source, column=1) from None
     except ValueError as exc:  # e.g. a NUL character
         raise ExpressionError(f"invalid expression: {exc}", source=source, column=1) from None
-    compiler = _Compiler(stripped)
+    compiler = _Compiler(stripped, literals)
     try:
         condition = compiler.condition(tree.body, 0)
     except ExpressionError as exc:
         raise ExpressionError(exc.reason, source=source, column=indent + exc.column) from None
     fields = tuple(compiler.variables)
-    is_true = _build(condition.true, compiler.variables)
-    is_false = _build(condition.false, compiler.variables)
+    calls = [
+        f"{var} = w[{index}].{function}({'' if q is None else repr(q)})"
+        for (index, function, q), var in compiler.calls.items()
+    ]
+    is_true: Predicate = _build("predicate", condition.true, compiler.variables, calls)  # type: ignore[assignment]
+    is_false: Predicate = _build("predicate", condition.false, compiler.variables, calls)  # type: ignore[assignment]
+    empty = (EmptyWindow(),) * len(compiler.windows)
     try:
         # Parts without fields are constants: fail now rather than on every event.
-        is_true({})
-        is_false({})
+        is_true({}, empty)
+        is_false({}, empty)
     except EVALUATION_ERRORS as exc:
         raise ExpressionError(
             f"expression cannot be evaluated: {exc}", source=source, column=indent + 1
         ) from None
-    return Expression(source.strip(), fields, is_true, is_false)
+    return Expression(
+        source.strip(), fields, is_true, is_false, tuple(compiler.windows.values()), tuple(compiler.uses)
+    )
 
 
-def _build(body: str, variables: Mapping[str, str]) -> Predicate:
+def _build(name: str, body: str, variables: Mapping[str, str], calls: Sequence[str] = ()) -> object:
     # Only the checked AST reaches this text: field names appear as repr() string literals, operators
-    # come from fixed tables, and locals are our own v0, v1, ... names.
-    lines = ["def predicate(fields):"]
-    lines += [f"    {var} = fields.get({name!r})" for name, var in variables.items()]
+    # and window function names come from fixed tables, and locals are our own v0, a0, ... names.
+    lines = [f"def {name}(fields, w=()):" if name == "predicate" else f"def {name}(fields):"]
+    lines += [f"    {var} = fields.get({field_name!r})" for field_name, var in variables.items()]
+    lines += [f"    {call}" for call in calls]
     lines.append(f"    return {body}")
     namespace = dict(_RUNTIME)
     exec(compile("\n".join(lines), "<rule expression>", "exec"), namespace)
-    predicate: Predicate = namespace["predicate"]  # type: ignore[assignment]
-    return predicate
+    return namespace[name]

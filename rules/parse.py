@@ -12,13 +12,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from devices.errors import Problem, SourceFileError
 from devices.yamlsource import LocatedDocument, PathItem
-from rules.model import CommandSpec, Rule, RuleSet
+from rules.duration import parse_duration
+from rules.model import (
+    DEFAULT_LATENESS,
+    CommandSpec,
+    NOfM,
+    Rule,
+    RuleSet,
+    RuleTest,
+)
 
 _EXPECTED_FILE = "expected a mapping with a `rules` list"
+_TOP_LEVEL_KEYS = ("rules", "lateness", "tests")
+_TESTS = TypeAdapter(list[RuleTest])
 
 
 class _RuleLoader(yaml.SafeLoader):
@@ -44,13 +54,20 @@ class _Located:
     where: str
 
 
+@dataclass(slots=True)
+class _File:
+    rules: list[_Located]
+    tests: list[RuleTest]
+    problems: list[Problem]
+
+
 def parse_rule_file(text: str, file: str) -> list[Rule]:
     """Parse one rule file, or raise `SourceFileError` listing all of its problems."""
-    located, problems = _parse(text, file)
-    problems += _duplicate_problems(located)
+    parsed = _parse(text, file)
+    problems = parsed.problems + _duplicate_problems(parsed.rules)
     if problems:
         raise SourceFileError(_in_reading_order(problems))
-    return [entry.rule for entry in located]
+    return [entry.rule for entry in parsed.rules]
 
 
 def build_rule_set(files: Mapping[str, str]) -> RuleSet:
@@ -60,37 +77,54 @@ def build_rule_set(files: Mapping[str, str]) -> RuleSet:
     """
     located: list[_Located] = []
     problems: list[Problem] = []
+    tests: dict[str, tuple[RuleTest, ...]] = {}
     for file in sorted(files):
-        file_rules, file_problems = _parse(files[file], file)
-        located += file_rules
-        problems += file_problems
+        parsed = _parse(files[file], file)
+        located += parsed.rules
+        problems += parsed.problems
+        if parsed.tests:
+            tests[file] = tuple(parsed.tests)
     problems += _duplicate_problems(located)
     if problems:
         raise SourceFileError(_in_reading_order(problems))
-    return RuleSet(tuple(entry.rule for entry in located), {entry.rule.id: entry.file for entry in located})
+    return RuleSet(
+        tuple(entry.rule for entry in located), {entry.rule.id: entry.file for entry in located}, tests
+    )
 
 
-def _parse(text: str, file: str) -> tuple[list[_Located], list[Problem]]:
+def _parse(text: str, file: str) -> _File:
     try:
         doc = LocatedDocument(text, file)
     except SourceFileError as exc:
-        return [], list(exc.problems)
+        return _File([], [], list(exc.problems))
     # LocatedDocument reads YAML 1.1 booleans; it is kept for positions, and the data is read again
     # with YAML 1.2 booleans. Both use the same grammar, so this load cannot fail differently.
     data = yaml.load(text, Loader=_RuleLoader)  # a SafeLoader subclass: no arbitrary objects
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
-        return [], [doc.problem([], f"{_EXPECTED_FILE}, got {got}")]
+        return _File([], [], [doc.problem([], f"{_EXPECTED_FILE}, got {got}")])
     problems = [
-        doc.problem([key], f"unknown top-level key {key!r}; expected only `rules`")
+        doc.problem([key], f"unknown top-level key {key!r}; expected only `rules`, `lateness` and `tests`")
         for key in data
-        if key != "rules"
+        if key not in _TOP_LEVEL_KEYS
     ]
+    lateness = DEFAULT_LATENESS
+    if "lateness" in data:
+        try:
+            lateness = parse_duration(data["lateness"])
+        except ValueError as exc:
+            problems.append(doc.problem(["lateness"], f"lateness: {exc} (got {data['lateness']!r:.40})"))
+    tests: list[RuleTest] = []
+    if "tests" in data:
+        try:
+            tests = _TESTS.validate_python(data["tests"])
+        except ValidationError as exc:
+            problems += [_test_problem(problem) for problem in doc.problems_from(exc, ["tests"])]
     items = data.get("rules")
     if not isinstance(items, list):
         got = "nothing" if items is None else type(items).__name__
         problems.append(doc.problem(["rules"] if "rules" in data else [], f"{_EXPECTED_FILE}, got {got}"))
-        return [], problems
+        return _File([], tests, problems)
     located: list[_Located] = []
     for index, item in enumerate(items):
         path: list[PathItem] = ["rules", index]
@@ -106,9 +140,20 @@ def _parse(text: str, file: str) -> tuple[list[_Located], list[Problem]]:
         except ValidationError as exc:
             problems += _rule_problems(doc, exc, path, rule_id)
             continue
+        if rule.lateness is None:
+            rule = rule.model_copy(update={"lateness": lateness})
         line, column = doc.position([*path, "id"])
         located.append(_Located(rule, file, line, column, f"rules[{index}].id"))
-    return located, problems
+    return _File(located, tests, problems)
+
+
+def _test_problem(problem: Problem) -> Problem:
+    # The union tags of `expect` items show up in pydantic's locations; the YAML path has none.
+    for tag in (".alert", ".command"):
+        if tag + "." in problem.where or problem.where.endswith(tag):
+            where = problem.where.replace(tag, "", 1)
+            return replace(problem, where=where)
+    return problem
 
 
 def _rule_problems(
@@ -118,6 +163,10 @@ def _rule_problems(
     problems = []
     # problems_from yields one problem per error, in order, so the two can be paired.
     for error, problem in zip(exc.errors(include_url=False), doc.problems_from(exc, path), strict=True):
+        loc = _without_union_tags(error["loc"])
+        if loc != error["loc"]:
+            problem = replace(doc.problem([*path, *loc], problem.message), message=problem.message)
+            error = {**error, "loc": loc}
         message = problem.message
         if error["type"] == "extra_forbidden":
             message = _unknown_key_message(error["loc"])
@@ -127,10 +176,24 @@ def _rule_problems(
     return problems
 
 
+def _without_union_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    # `for:` is a duration or {count, of}; pydantic names the union member in the location, which the
+    # YAML does not have.
+    return tuple(
+        part
+        for i, part in enumerate(loc)
+        if not (i and loc[i - 1] == "for" and part in ("duration", "n_of_m"))
+    )
+
+
 def _unknown_key_message(loc: tuple[int | str, ...]) -> str:
     key = str(loc[-1])
-    model: type[BaseModel] = CommandSpec if len(loc) >= 2 and loc[-2] == "command" else Rule
-    known = list(model.model_fields)
+    model: type[BaseModel] = Rule
+    if len(loc) >= 2 and loc[-2] == "command":
+        model = CommandSpec
+    elif len(loc) >= 2 and loc[-2] == "for":
+        model = NOfM
+    known = [info.alias or name for name, info in model.model_fields.items()]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key {key!r}{hint}; expected one of: {', '.join(known)}"

@@ -54,6 +54,11 @@ HELP_CASES = [
         id="rules-check",
     ),
     pytest.param(
+        ["rules", "test"],
+        ["usage: tidegate rules test", "DIR", "tests:", "diff", "exit 1"],
+        id="rules-test",
+    ),
+    pytest.param(
         ["demo"],
         [
             "usage: tidegate demo",

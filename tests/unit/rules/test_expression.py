@@ -282,3 +282,86 @@ def test_compiled_matches_reference(source: str, fields: dict[str, FieldValue]) 
     expected = reference(ast.parse(source, mode="eval").body, fields)
     assert expression.is_true(fields) is (expected is True)
     assert expression.is_false(fields) is (expected is False)
+
+
+# -- windowed functions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "windows", "uses"),
+    [
+        ("avg(t, 5m) > 1", [(False, 300.0, {"avg"})], ["avg(t, 5m)"]),
+        ("avg(t, 250ms) > 1", [(False, 0.25, {"avg"})], ["avg(t, 250ms)"]),
+        ("avg(t, 10 events) > 1", [(True, 10.0, {"avg"})], ["avg(t, 10 events)"]),
+        ("avg(t, 1 event) > 1", [(True, 1.0, {"avg"})], ["avg(t, 1 event)"]),
+        # one window for every function over the same value and length
+        ("max(t, 1h) - min(t, 1h) > avg(t, 1h)", [(False, 3600.0, {"avg", "max", "min"})], None),
+        ("avg(t, 5m) > avg(t, 1h)", [(False, 300.0, {"avg"}), (False, 3600.0, {"avg"})], None),
+        ("avg(t - s, 5m) > 1 and avg(t, 5m) > 1", [(False, 300.0, {"avg"}), (False, 300.0, {"avg"})], None),
+        ("percentile(t, 99.5, 2m) > 1", [(False, 120.0, {"percentile"})], None),
+        ("count_if(status == 'fault', 5m) > 2", [(False, 300.0, {"count"})], None),
+        ("min(a, b) < 1", [], []),  # the scalar min
+        ("status == '5m'", [], []),  # a duration inside a string is text
+    ],
+)
+def test_window_calls(
+    source: str, windows: list[tuple[bool, float, set[str]]], uses: list[str] | None
+) -> None:
+    expression = compile_expression(source)
+    assert [(w.by_count, w.size, set(w.functions)) for w in expression.windows] == windows
+    if uses is not None:
+        assert [use.source for use in expression.uses] == uses
+
+
+@pytest.mark.parametrize(
+    ("source", "column", "message"),
+    [
+        ("avg(t) > 1", 1, "avg() needs a window as its last argument"),
+        ("avg(t, 300) > 1", 1, "avg() needs a window as its last argument"),
+        ("t > 5m", 5, "a window (5m) goes only as the last argument"),
+        ("avg(avg(t, 5m), 5m) > 1", 5, "windowed functions cannot be nested"),
+        ("percentile(t, 101, 5m) > 1", 15, "percentile() takes a number from 0 to 100"),
+        ("percentile(t, 5m) > 1", 1, "percentile() takes 3 arguments"),
+        ("avg(t, 1.5 events) > 1", 8, "a count window is a whole number of events"),
+        ("avg(t, 0s) > 1", 8, "a time window is longer than 0"),
+        ("avg(t, 32d) > 1", 8, "a time window is longer than 0 and at most 31d"),
+        ("avg(status == 1, 5m) > 1", 5, "expected a value here"),
+        ("count_if(t + 1, 5m) > 1", 10, "expected a comparison"),
+        ("avg(t, 5min) > 1", 8, "invalid decimal literal"),
+    ],
+)
+def test_window_errors(source: str, column: int, message: str) -> None:
+    with pytest.raises(ExpressionError) as caught:
+        compile_expression(source)
+    assert message in caught.value.reason
+    assert caught.value.column == column
+
+
+def test_window_values_are_read_from_the_windows_passed_in() -> None:
+    from rules.window import CountWindow, needs_of
+
+    expression = compile_expression("avg(t, 3 events) > 30 and has(t)")
+    [spec] = expression.windows
+    window = CountWindow(3, needs_of(spec.functions))
+    for value in (40, 40, 20):
+        window.update(0.0, spec.extract({"t": value}))
+    assert outcome_with(expression, {"t": 20}, (window,)) == T
+    window.update(0.0, spec.extract({"t": 10}))
+    assert outcome_with(expression, {"t": 10}, (window,)) == F
+    assert spec.extract({"x": 1}) is None  # nothing to add
+    with pytest.raises(EVALUATION_ERRORS):
+        spec.extract({"t": "hot"})  # text never reaches a window's sums
+
+
+def test_an_empty_window_is_unknown_but_count_is_zero() -> None:
+    from rules.window import TimeWindow
+
+    window = TimeWindow(60.0)
+    assert outcome_with(compile_expression("avg(t, 1m) > 1"), {}, (window,)) == U
+    assert outcome_with(compile_expression("count(t, 1m) == 0"), {}, (window,)) == T
+
+
+def outcome_with(expression: Any, fields: Mapping[str, FieldValue], windows: tuple[Any, ...]) -> str:
+    is_true, is_false = expression.is_true(fields, windows), expression.is_false(fields, windows)
+    assert not (is_true and is_false)
+    return T if is_true else F if is_false else U

@@ -94,7 +94,7 @@ def rule_file(*lines: str) -> str:
             14,
             "rules[0].sevrity",
             "rule 'hot': unknown key 'sevrity' (did you mean 'severity'?); expected one of: id, description, "
-            "devices, when, clear, severity, message, on_raise, on_clear",
+            "devices, when, absent, clear, for, min_interval, lateness, severity, message, on_raise, on_clear",
         ),
         (
             rule_file("    when: t > 1", "    severity: urgent"),
@@ -131,7 +131,7 @@ def rule_file(*lines: str) -> str:
             5,
             37,
             "rules[0].on_raise[0].command.parms",
-            "rule 'hot': unknown key 'parms' (did you mean 'params'?); expected one of: name, params",
+            "rule 'hot': unknown key 'parms' (did you mean 'params'?); expected one of: name, params, cooldown",
         ),
         (
             rule_file("    when: t > 1", "    on_raise: [alert, {command: {params: {}}}]"),
@@ -186,7 +186,13 @@ def rule_file(*lines: str) -> str:
             "expected a rule (a mapping with id, when, ...), got 'just text'",
         ),
         ("rules: {id: x}\n", 1, 8, "rules", "expected a mapping with a `rules` list, got dict"),
-        ("rule:\n  - id: x\n", 2, 3, "rule", "unknown top-level key 'rule'; expected only `rules`"),
+        (
+            "rule:\n  - id: x\n",
+            2,
+            3,
+            "rule",
+            "unknown top-level key 'rule'; expected only `rules`, `lateness` and `tests`",
+        ),
         ("", None, None, "", "expected a mapping with a `rules` list, got an empty file"),
         (
             "rules:\n  - id: x\n    when: [t > 1\n",
@@ -247,3 +253,81 @@ def test_all_problems_of_all_files_together() -> None:
     ]
     # Rules that failed validation take no part in the duplicate check: `hot` is reported only once.
     assert sum("duplicate" in p.message for p in caught.value.problems) == 0
+
+
+# -- durations, for, absent, min_interval, lateness, cooldown --------------------------------------
+
+
+def test_time_keys() -> None:
+    text = dedent(
+        """\
+        lateness: 1m30s
+        rules:
+          - id: held
+            when: avg(t, 5m) > 30
+            for: 2m
+            min_interval: 30s
+            on_raise: [{command: {name: fan, cooldown: 5m}}]
+          - id: n-of-m
+            when: t > 30
+            for: {count: 3, of: 5}
+            lateness: 5s
+          - id: silent
+            absent: 10m
+        """
+    )
+    held, n_of_m, silent = parse_rule_file(text, "a.yaml")
+    assert (held.hold, held.min_interval, held.lateness) == (120.0, 30.0, 90.0)
+    assert held.on_raise == [CommandSpec(name="fan", cooldown=300.0)]
+    assert n_of_m.hold is not None and not isinstance(n_of_m.hold, float)
+    assert (n_of_m.hold.count, n_of_m.hold.of, n_of_m.lateness) == (3, 5, 5.0)
+    assert (silent.when, silent.absent, silent.lateness) == (None, 600.0, 90.0)
+    assert silent.render_message({}) == "no data for 10m"
+    [default] = parse_rule_file("rules:\n  - id: x\n    when: t > 1\n", "b.yaml")
+    assert (default.hold, default.min_interval, default.lateness) == (None, 0.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "where", "message"),
+    [
+        (["    when: t > 1", "    for: soon"], "rules[0].for", "expected a duration like 30s, 5m"),
+        (
+            ["    when: t > 1", "    for: {count: 4, of: 3}"],
+            "rules[0].for",
+            "count (4) must be at most of (3)",
+        ),
+        (
+            ["    when: t > 1", "    for: {count: 1, off: 3}"],
+            "rules[0].for.off",
+            "unknown key 'off' (did you mean 'of'?)",
+        ),
+        (["    when: t > 1", "    for: {count: 1, of: 65}"], "rules[0].for.of", "less than or equal to 64"),
+        (["    when: t > 1", "    min_interval: -5s"], "rules[0].min_interval", "expected a duration"),
+        (
+            ["    absent: 5m", "    when: t > 1"],
+            "rules[0]",
+            "expected exactly one of `when: <condition>` or `absent",
+        ),
+        (["    severity: info"], "rules[0]", "expected exactly one of"),
+        (["    absent: 5m", "    for: 1m"], "rules[0]", "`for` does not apply to an absent rule"),
+        (["    absent: 0s"], "rules[0]", "longer than 0"),
+        (["    when: avg(t) > 1"], "rules[0].when", "avg() needs a window as its last argument"),
+        (
+            ["    when: t > 1", "    on_raise: [{command: {name: fan, cooldown: often}}]"],
+            "rules[0].on_raise[0].command.cooldown",
+            "expected a duration",
+        ),
+    ],
+)
+def test_time_key_problems(lines: list[str], where: str, message: str) -> None:
+    with pytest.raises(SourceFileError) as caught:
+        parse_rule_file(rule_file(*lines), "a.yaml")
+    assert (where, True) in [(p.where, message in p.message) for p in caught.value.problems], caught.value
+
+
+def test_file_lateness_problem() -> None:
+    with pytest.raises(SourceFileError) as caught:
+        parse_rule_file("lateness: later\nrules: []\n", "a.yaml")
+    [problem] = caught.value.problems
+    assert (problem.line, problem.where) == (1, "lateness")
+    assert "lateness: expected a duration" in problem.message

@@ -1,0 +1,153 @@
+"""Test cases inside rule files: the runner, its diff, `tidegate rules test`, and the shipped examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from gateway.cli import main
+from rules.parse import build_rule_set
+from rules.testing import run_rule_tests
+
+REPO = Path(__file__).resolve().parents[3]
+
+RULES = dedent(
+    """\
+    rules:
+      - id: hot
+        when: avg(t, 1m) > 30
+        for: 30s
+        on_raise:
+          - alert
+          - command: {name: fan, params: {on: true}}
+      - id: silent
+        absent: 2m
+    tests:
+      - name: hot for 30 seconds
+        events:
+          - {at: 0s, device: gh-1, t: 31}
+          - {at: 10s, device: gh-1, t: 35}
+          - {advance: 1m}
+        expect:
+          - {at: 30s, rule: hot, device: gh-1, state: raised}
+          - {at: 30s, rule: hot, device: gh-1, command: fan, params: {on: true}}
+      - name: silent device
+        known_devices: [gh-2]
+        events:
+          - {advance: 2m}
+        expect:
+          - {at: 2m, rule: silent, device: gh-2, state: raised}
+    """
+)
+
+
+def test_a_passing_file() -> None:
+    results = run_rule_tests(build_rule_set({"a.yaml": RULES}))
+    assert [(r.file, r.name, r.passed, r.diff) for r in results] == [
+        ("a.yaml", "hot for 30 seconds", True, ""),
+        ("a.yaml", "silent device", True, ""),
+    ]
+    assert results[0].actual == (
+        "{at: 30s, rule: hot, device: gh-1, state: raised}",
+        '{at: 30s, rule: hot, device: gh-1, command: fan, params: {"on": true}}',
+    )
+
+
+def test_a_failing_case_shows_a_diff_and_unexpected_actions_fail() -> None:
+    text = RULES.replace(
+        "{at: 30s, rule: hot, device: gh-1, state: raised}",
+        "{at: 20s, rule: hot, device: gh-1, state: raised}",
+    )
+    text = text.rsplit("expect:", 1)[0] + "expect: []\n"  # the silent case now expects nothing
+    results = run_rule_tests(build_rule_set({"a.yaml": text}))
+    assert [r.passed for r in results] == [False, False]
+    assert results[0].diff == "\n".join(
+        [
+            "--- expected",
+            "+++ actual",
+            "@@ -1,2 +1,2 @@",
+            "-{at: 20s, rule: hot, device: gh-1, state: raised}",
+            "+{at: 30s, rule: hot, device: gh-1, state: raised}",
+            ' {at: 30s, rule: hot, device: gh-1, command: fan, params: {"on": true}}',
+        ]
+    )
+    # nothing expected, something happened: "and nothing else" fails the case
+    assert results[1].expected == () and results[1].actual == (
+        "{at: 2m, rule: silent, device: gh-2, state: raised}",
+    )
+
+
+def test_cases_run_only_their_own_files_rules() -> None:
+    other = "rules:\n  - id: anything\n    when: t > 0\n"
+    results = run_rule_tests(build_rule_set({"a.yaml": RULES, "b.yaml": other}))
+    assert all(r.passed for r in results)
+
+
+def test_late_arrival_is_processed_at_the_current_clock() -> None:
+    text = dedent(
+        """\
+        lateness: 10s
+        rules:
+          - id: hot
+            when: t > 30
+        tests:
+          - name: late
+            events:
+              - {at: 1m, device: d, t: 20}
+              - {at: 10s, device: d, t: 40}
+            expect: []
+        """
+    )
+    [result] = run_rule_tests(build_rule_set({"a.yaml": text}))
+    assert result.passed, result.diff
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ("{at: 0s, t: 1}", "missing 'device'"),
+        ("{at: soon, device: d, t: 1}", "expected a duration"),
+        ("{at: 0s, device: d}", "an event needs at least one field"),
+        ("{advance: 1m, device: d}", "an `advance` step takes no other keys"),
+        ("{at: 0s, device: d, ts: 5}", "'ts' is not a metric field name"),
+        ("{at: 0s, device: d, t: [1]}", "t: expected a number, true/false or text"),
+    ],
+)
+def test_invalid_steps_are_located(step: str, message: str) -> None:
+    text = f"rules: []\ntests:\n  - name: x\n    events:\n      - {step}\n    expect: []\n"
+    with pytest.raises(Exception) as caught:
+        build_rule_set({"a.yaml": text})
+    [problem] = caught.value.problems  # type: ignore[attr-defined]
+    assert (problem.file, problem.line, problem.where) == ("a.yaml", 5, "tests[0].events[0]")
+    assert message in problem.message
+
+
+def test_cli_rules_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.yaml").write_text(RULES)
+    assert main(["rules", "test", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        out
+        == f"PASS  {tmp_path / 'a.yaml'}: hot for 30 seconds\nPASS  {tmp_path / 'a.yaml'}: silent device\n2 passed, 0 failed\n"
+    )
+    (tmp_path / "a.yaml").write_text(RULES.replace("at: 2m, rule: silent", "at: 3m, rule: silent"))
+    assert main(["rules", "test", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  {tmp_path / 'a.yaml'}: silent device\n" in out
+    assert "    -{at: 3m, rule: silent, device: gh-2, state: raised}\n" in out
+    assert "    +{at: 2m, rule: silent, device: gh-2, state: raised}\n" in out
+    assert out.endswith("1 passed, 1 failed\n")
+
+
+def test_cli_rules_test_without_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.yaml").write_text("rules:\n  - id: x\n    when: t > 1\n")
+    assert main(["rules", "test", str(tmp_path)]) == 1
+    assert "no test cases found" in capsys.readouterr().err
+
+
+def test_shipped_examples_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "test", str(REPO / "deploy" / "rules")]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.endswith(" 0 failed\n") and int(out.split()[-4]) >= 6

@@ -127,6 +127,36 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = args.url
+    if url is None:
+        from gateway.config import load_settings
+
+        address = load_settings(args.config).http.address
+        if address is None:
+            print(
+                "error: no http.listen in the config: the gateway serves no status endpoint", file=sys.stderr
+            )
+            return 1
+        url = f"http://{address[0]}:{address[1]}"
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/status", timeout=5.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"error: cannot read {url}/status: {exc}", file=sys.stderr)
+        return 1
+    snapshot = response.json()
+    if args.json:
+        print(json.dumps(snapshot))
+    else:
+        width = max(map(len, snapshot))
+        for key, value in snapshot.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -304,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rtest.add_argument("dir", metavar="DIR", help="a directory of *.yaml rule files, or one file")
     rtest.set_defaults(func=cmd_rules_test)
+
+    status = sub.add_parser(
+        "status",
+        help="show a running gateway's counters",
+        description="Read the counters of a running gateway from its HTTP endpoint (config key http.listen).",
+    )
+    status_source = status.add_mutually_exclusive_group()
+    status_source.add_argument("-c", "--config", metavar="FILE", help="the running gateway's config file")
+    status_source.add_argument("--url", help="the endpoint, e.g. http://127.0.0.1:9464")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser(
         "demo",

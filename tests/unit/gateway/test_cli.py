@@ -41,6 +41,9 @@ HELP_CASES = [
         id="tidegate",
     ),
     pytest.param(["run"], ["usage: tidegate run", "--config", "SIGINT or SIGTERM"], id="run"),
+    pytest.param(
+        ["status"], ["usage: tidegate status", "--url", "--config", "http.listen", "--json"], id="status"
+    ),
     pytest.param(["config"], ["usage: tidegate config", "check", "validate a config file"], id="config"),
     pytest.param(
         ["config", "check"],
@@ -351,3 +354,30 @@ def test_query_takes_either_a_config_or_a_sqlite_file(capsys: pytest.CaptureFixt
         main(["query", "--sqlite", "a.db", "-c", "tidegate.yaml"])
     assert exited.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_status_without_an_endpoint_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--url", "http://127.0.0.1:1"]) == 1
+    assert "error: cannot read http://127.0.0.1:1/status" in capsys.readouterr().err
+
+
+def test_status_reads_a_running_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    from gateway.httpapi import StatusServer
+
+    async def scenario() -> int:
+        server = StatusServer("127.0.0.1", 0, lambda: {"received": 7, "mqtt_connected": True})
+        ready = asyncio.Event()
+        task = asyncio.create_task(server.run(ready))
+        await ready.wait()
+        try:
+            return await asyncio.to_thread(
+                main, ["status", "--url", f"http://127.0.0.1:{server.port}", "--json"]
+            )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == 0
+    assert json.loads(capsys.readouterr().out) == {"received": 7, "mqtt_connected": True}

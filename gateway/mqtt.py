@@ -12,7 +12,9 @@ packet id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
 import socket
 import threading
@@ -30,7 +32,7 @@ from pydantic import SecretStr
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
-MISC_INTERVAL = 1.0  # paho's loop_misc drives keepalive pings; once a second is what paho itself does
+MISC_INTERVAL = 0.5  # keepalive pings and the dead-link check; a fraction of the shortest keepalive (5s)
 MAX_OUTGOING_QUEUE = 10_000  # QoS 1 publishes held while disconnected; beyond this publish() fails loudly
 
 
@@ -101,6 +103,7 @@ class MqttConnection:
         self._ended: asyncio.Event | None = None
         self._sock_fd: int | None = None
         self._paused = False
+        self._last_inbound = 0.0
         self._had_session = False
         self._closing = False
 
@@ -200,7 +203,7 @@ class MqttConnection:
     def resume_reading(self) -> None:
         """Read the socket again after `pause_reading`."""
         if self._paused and self._sock_fd is not None and self._loop is not None:
-            self._loop.add_reader(self._sock_fd, self._client.loop_read)
+            self._loop.add_reader(self._sock_fd, self._read)
         self._paused = False
 
     @property
@@ -239,11 +242,17 @@ class MqttConnection:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self._call_in_loop(self._register_socket, sock.fileno())
 
+    def _read(self) -> None:
+        assert self._loop is not None
+        self._last_inbound = self._loop.time()
+        self._client.loop_read()
+
     def _register_socket(self, fd: int) -> None:
         assert self._loop is not None
         self._sock_fd = fd
+        self._last_inbound = self._loop.time()
         if not self._paused:
-            self._loop.add_reader(fd, self._client.loop_read)
+            self._loop.add_reader(fd, self._read)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this just before closing the socket, on the loop thread (reads) or in our
@@ -311,9 +320,20 @@ class MqttConnection:
             self._ended.set()
 
     async def _misc_loop(self) -> None:
+        assert self._loop is not None
         while True:
             await asyncio.sleep(MISC_INTERVAL)
             self._client.loop_misc()
+            # paho pings after `keepalive` of silence and gives up only one more `keepalive` later, so
+            # a silent partition would take ~2x keepalive to notice. A healthy link brings a PINGRESP
+            # within keepalive + MISC_INTERVAL; past 1.5x keepalive of silence the link is dead.
+            silent = self._loop.time() - self._last_inbound
+            if self.connected.is_set() and not self._paused and silent > 1.5 * self._keepalive:
+                log.warning("nothing from the broker for %.1fs: dropping the connection", silent)
+                if self._sock_fd is not None:
+                    # paho then reads end-of-stream and runs its usual disconnect path
+                    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._sock_fd)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
 
     def _wrap(self, handler: MessageHandler) -> Callable[[paho.Client, Any, paho.MQTTMessage], None]:
         def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:

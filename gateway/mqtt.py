@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ class MqttConnection:
         session_expiry: MQTT 5 session expiry in seconds (3.1.1 uses clean_session=False instead).
         receive_maximum: MQTT 5 Receive Maximum (unacked messages in flight towards us).
         manual_ack: ack QoS 1 messages only when `ack()` is called.
+        on_session_lost: called with (since, until) epoch seconds, the window in which messages may
+            have been lost, when the broker did not resume our session.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class MqttConnection:
         reconnect_min_delay: float = 0.5,
         reconnect_max_delay: float = 30.0,
         manual_ack: bool = True,
+        on_session_lost: Callable[[float, float], None] | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self._subscriptions = list(subscriptions)
@@ -105,6 +109,8 @@ class MqttConnection:
         self._paused = False
         self._last_inbound = 0.0
         self._had_session = False
+        self._disconnected_at: float | None = None
+        self._on_session_lost = on_session_lost
         self._closing = False
 
         client = paho.Client(
@@ -297,7 +303,15 @@ class MqttConnection:
             # The broker forgot us (expired session, broker lost its state): messages queued for us
             # while we were away are gone. Record it; the gap shows up in per-device seq checks.
             self.stats.sessions_lost += 1
-            log.warning("MQTT session was not resumed (session_present=0): messages may have been lost")
+            since, until = self._disconnected_at or time.time(), time.time()
+            log.warning(
+                "MQTT session was not resumed (session_present=0): messages sent to us between %s and %s "
+                "may have been lost",
+                time.strftime("%H:%M:%S", time.localtime(since)),
+                time.strftime("%H:%M:%S", time.localtime(until)),
+            )
+            if self._on_session_lost is not None:
+                self._on_session_lost(since, until)
         self._had_session = True
         log.info("connected to %s:%s (session present: %s)", self.host, self.port, session_present)
         # Subscribe every time: harmless when the session kept them, required when it did not.
@@ -311,6 +325,8 @@ class MqttConnection:
     ) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        if was_connected:
+            self._disconnected_at = time.time()
         if was_connected:
             self.stats.disconnects += 1
             if not self._closing:

@@ -22,9 +22,11 @@ from gateway.config import (
 from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
 from gateway.mqtt import MqttConnection, Subscription
+from gateway.records import session_loss_point
 from gateway.rulefiles import read_rule_dir
 from gateway.store.base import Point, RejectedPointsError, Store
 from gateway.store.batcher import BatchWriter
+from gateway.store.spool import Spool, SpoolStats
 from rules import RuleEngine, RuleSet, build_rule_set
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,11 @@ class Gateway:
             flush_interval=batch.flush_interval,
             max_pending=batch.max_pending,
             on_rejected=self._on_rejected,
+            spool=(
+                Spool(settings.spool.dir, max_bytes=settings.spool.max_bytes)
+                if settings.spool.enabled and settings.spool.dir is not None
+                else None
+            ),
         )
         topics = settings.mqtt.topics
         telemetry = TopicScheme(topics.telemetry)
@@ -123,6 +130,7 @@ class Gateway:
                 Subscription(telemetry.subscription, 1, self._on_telemetry),
                 Subscription(self._acks.subscription, 1, self._on_command_ack),
             ],
+            on_session_lost=self._on_session_lost,
         )
         self.commands = CommandDispatcher(
             channel=self.mqtt,
@@ -162,6 +170,10 @@ class Gateway:
 
     def _record(self, point: Point) -> None:
         self.writer.add([point])
+
+    def _on_session_lost(self, since: float, until: float) -> None:
+        # Recorded in the store so analysts see the window in which gaps are explained by the broker.
+        self.writer.add([session_loss_point(since, until, client_id=self.settings.mqtt.client_id)])
 
     def _on_rejected(self, error: RejectedPointsError) -> None:
         self.points_rejected += len(error.rejected)
@@ -213,6 +225,7 @@ class Gateway:
     def snapshot(self) -> dict[str, Any]:
         """Return the gateway's counters as plain data (for status, metrics and the demo)."""
         ingest, commands = self.ingest.stats, self.commands.stats
+        spool = self.writer.spool.stats if self.writer.spool is not None else SpoolStats()
         return {
             "received": ingest.received,
             "written": ingest.written,
@@ -234,5 +247,12 @@ class Gateway:
             "mqtt_connected": self.mqtt.connected.is_set(),
             "mqtt_reconnects": max(self.mqtt.stats.connects - 1, 0),
             "sessions_lost": self.mqtt.stats.sessions_lost,
+            "session_loss_windows": self.mqtt.stats.sessions_lost,
             "backpressure_pauses": ingest.backpressure_pauses,
+            "spool_batches": spool.batches,
+            "spool_points": spool.points,
+            "spool_bytes": spool.bytes,
+            "points_spooled": spool.spooled_points,
+            "points_drained": spool.drained_points,
+            "spool_corrupt_segments": spool.corrupt_segments,
         }

@@ -151,6 +151,21 @@ class CommandSettings(_Section):
     max_pending: int = Field(10_000, ge=1)
 
 
+class SpoolSettings(_Section):
+    """The durable spool: batches wait on disk while the store fails them (see gateway/store/spool.py).
+
+    On by default. `dir` unset means `spool` next to the config file (in the working directory when
+    there is no file); a relative `dir` resolves against the config file's directory. Settings built
+    in code rather than loaded have no file to sit next to: there, an unset `dir` means no spool.
+    When `max_bytes` of segments are held, tidegate stops acknowledging and reading instead of
+    dropping anything, and the broker holds the messages.
+    """
+
+    enabled: bool = True
+    dir: Path | None = None
+    max_bytes: int = Field(1 << 30, ge=1 << 20)
+
+
 class HttpSettings(_Section):
     """The operations endpoint: Prometheus `/metrics`, `/healthz`, JSON `/status`."""
 
@@ -184,6 +199,7 @@ class Settings(_Section):
     rules: RulesSettings = RulesSettings()
     commands: CommandSettings = CommandSettings()
     http: HttpSettings = HttpSettings()
+    spool: SpoolSettings = SpoolSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -228,6 +244,10 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
         updates["rules"] = settings.rules.model_copy(update={"dir": base_dir / settings.rules.dir})
     if isinstance(settings.store, SqliteSettings) and not settings.store.path.is_absolute():
         updates["store"] = settings.store.model_copy(update={"path": base_dir / settings.store.path})
+    spool = settings.spool
+    if spool.enabled and (spool.dir is None or not spool.dir.is_absolute()):
+        spool_dir = base_dir / (Path("spool") if spool.dir is None else spool.dir)
+        updates["spool"] = spool.model_copy(update={"dir": spool_dir})
     return settings.model_copy(update=updates) if updates else settings
 
 

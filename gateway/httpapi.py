@@ -36,7 +36,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "mqtt_reconnects": ("counter", "Reconnections to the broker"),
     "sessions_lost": ("counter", "Reconnections where the broker had not kept our session"),
     "backpressure_pauses": ("counter", "Times reading from the broker paused for the store"),
+    "points_spooled": ("counter", "Points written to the on-disk spool while the store failed"),
+    "points_drained": ("counter", "Points drained from the spool into the store"),
+    "spool_corrupt_segments": ("counter", "Spool segments found corrupt and moved aside"),
+    "session_loss_windows": ("counter", "Time windows in which messages for us may have been lost"),
     "mqtt_connected": ("gauge", "1 while connected to the broker"),
+    "spool_points": ("gauge", "Points held in the on-disk spool"),
+    "spool_bytes": ("gauge", "Bytes held in the on-disk spool"),
     "pending_points": ("gauge", "Points waiting to be written"),
 }
 

@@ -6,6 +6,8 @@
 | alerts      | device, rule, severity, state          | message (string); the values that caused it           |
 | commands    | device, name, status, rule             | id, params (JSON text), detail (string), latency_ms   |
 
+| gateway_events | kind, client_id                        | since, until (epoch seconds), detail                  |
+
 `state` is `raised` or `cleared`; command `status` is `sent`, `ok`, `error`, `timed_out` or `rejected`.
 """
 
@@ -21,6 +23,7 @@ from rules.action import RecordAlert
 TELEMETRY = "telemetry"
 ALERTS = "alerts"
 COMMANDS = "commands"
+GATEWAY_EVENTS = "gateway_events"
 
 
 def telemetry_point(event: TelemetryEvent) -> Point:
@@ -72,3 +75,13 @@ def command_point(
         fields["latency_ms"] = latency_ms
     tags = (("device", device_id), ("name", name), ("rule", rule_id), ("status", status))
     return Point(COMMANDS, tags, fields, ts)
+
+
+def session_loss_point(since: float, until: float, *, client_id: str) -> Point:
+    """Record a window in which the broker may have dropped messages for us (session not resumed)."""
+    fields: dict[str, FieldValue] = {
+        "since": since,
+        "until": until,
+        "detail": "broker did not resume the MQTT session; messages queued for us may be lost",
+    }
+    return Point(GATEWAY_EVENTS, (("client_id", client_id), ("kind", "session_lost")), fields, until)

@@ -1,4 +1,11 @@
-"""Time-series stores: the Store boundary, line protocol, InfluxDB 1.x/2.x, SQLite, memory, batching."""
+"""Time-series stores: the Store boundary, line protocol, InfluxDB 1.x/2.x, SQLite, memory, batching.
+
+The backends load on first use (PEP 562 `__getattr__`): influxdb-client alone costs ~0.2 s of import
+time, which every `tidegate` command would otherwise pay.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from gateway.store.base import (
     Aggregate,
@@ -10,12 +17,20 @@ from gateway.store.base import (
     Store,
     StoreError,
 )
-from gateway.store.batcher import BatchWriter
-from gateway.store.influx_v1 import InfluxV1Store
-from gateway.store.influx_v2 import InfluxV2Store
-from gateway.store.lineprotocol import LineProtocolError, encode_batch, encode_point
-from gateway.store.memory import MemoryStore, NullStore
-from gateway.store.sqlite import SqliteStore
+
+_LAZY = {
+    "BatchWriter": "gateway.store.batcher",
+    "InfluxV1Store": "gateway.store.influx_v1",
+    "InfluxV2Store": "gateway.store.influx_v2",
+    "LineProtocolError": "gateway.store.lineprotocol",
+    "encode_batch": "gateway.store.lineprotocol",
+    "encode_point": "gateway.store.lineprotocol",
+    "MemoryStore": "gateway.store.memory",
+    "NullStore": "gateway.store.memory",
+    "Spool": "gateway.store.spool",
+    "SpoolStats": "gateway.store.spool",
+    "SqliteStore": "gateway.store.sqlite",
+}
 
 __all__ = [
     "Aggregate",
@@ -30,9 +45,17 @@ __all__ = [
     "RejectedPointsError",
     "RetryableStoreError",
     "Row",
+    "Spool",
+    "SpoolStats",
     "SqliteStore",
     "Store",
     "StoreError",
     "encode_batch",
     "encode_point",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

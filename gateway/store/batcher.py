@@ -1,4 +1,4 @@
-"""Batch points for a store, retry failed batches in order, and acknowledge them once written."""
+"""Batch points for a store, retry or spool failed batches in order, and acknowledge them once handed off."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.store.base import Point, RejectedPointsError, Store, StoreError
+from gateway.store.spool import Segment, Spool, SpoolFullError, UnspoolablePointsError
 
 __all__ = ["BatchWriter"]
 
@@ -17,21 +18,29 @@ logger = logging.getLogger(__name__)
 
 
 class BatchWriter:
-    """Collect points from the ingest, write them to a store in batches, and report when each is written.
+    """Collect points from the ingest, write them to a store in batches, and report when each is handed off.
 
     `add` is called synchronously on the event loop (from the MQTT client's callback) and only
     appends; `run` is the flush loop, to be run in the caller's TaskGroup. A batch is written when
     `batch_size` points are pending or `flush_interval` seconds after its oldest point arrived.
 
-    Nothing is dropped: a batch that fails with RetryableStoreError is retried unchanged, with
-    exponential backoff and jitter, forever, and later batches wait behind it, so order is kept.
+    Nothing is dropped. Without a spool, a batch that fails with RetryableStoreError is retried
+    unchanged, with exponential backoff and jitter, forever, and later batches wait behind it, so
+    order is kept. With a `spool` (see gateway/store/spool.py), such a batch goes to the spool
+    instead, and so does every later batch while the spool holds anything; a second loop inside
+    `run` drains the spool oldest first, with backoff and jitter, deleting a segment only once the
+    store took it. A spool left by an earlier run is drained before anything newer. When the spool
+    is full the batch stays here, unacknowledged, until the drain makes room.
+
     Points a store refuses for good (RejectedPointsError) go to `on_rejected`, the rest count as
     written. `on_written` callbacks (the MQTT PUBACKs) fire in the order they were added, each once
-    all its points are written or rejected. When `max_pending` points are held, `is_full` turns true
-    and the ingest should stop reading (`wait_until_not_full`) so the broker holds the backlog.
+    all its points are handed off: written, rejected, or fsynced to the spool. When `max_pending`
+    points are held (not yet handed off), `is_full` turns true and the ingest should stop reading
+    (`wait_until_not_full`) so the broker holds the backlog.
 
     Cancelling `run` (or bounding `close` with a timeout) loses only points whose callbacks have not
-    fired, which the broker will deliver again.
+    fired, which the broker will deliver again. `close` does not wait for the spool to drain: what it
+    holds is on disk and drains on the next start.
     """
 
     def __init__(
@@ -44,6 +53,7 @@ class BatchWriter:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         on_rejected: Callable[[RejectedPointsError], None] | None = None,
+        spool: Spool | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -58,6 +68,8 @@ class BatchWriter:
             retry_initial: first retry delay in seconds, doubled on each failure of the same batch.
             retry_max: longest retry delay.
             on_rejected: called with each RejectedPointsError (to dead-letter the points).
+            spool: where batches go while the store fails them; opened by `run` (or `close`) and
+                closed when it returns. None: retry in place.
             clock: monotonic seconds, for the flush interval (injectable for tests).
             sleep: awaited between retries (injectable for tests).
             jitter: returns a float in [0, 1); each delay is scaled to between 50% and 100%.
@@ -75,6 +87,8 @@ class BatchWriter:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._on_rejected = on_rejected
+        self._spool = spool
+        self._spool_full = False
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
@@ -95,7 +109,16 @@ class BatchWriter:
         self.rejected = 0
         self.retries = 0
         self.batches = 0
+        self.spooled = 0  # points handed to the spool
+        self.drained = 0  # points written (or refused) from the spool
+        self.spool_errors = 0  # appends that failed with an OSError (disk full, I/O error)
+        self.spool_full_waits = 0
         self.last_error: str | None = None
+
+    @property
+    def spool(self) -> Spool | None:
+        """Return the spool, if one is configured."""
+        return self._spool
 
     @property
     def pending(self) -> int:
@@ -137,7 +160,7 @@ class BatchWriter:
             await self._space.wait()
 
     async def run(self) -> None:
-        """Write batches until `close` is called and everything pending is written."""
+        """Write batches until `close` is called and everything pending is handed off."""
         if self._running:
             raise RuntimeError("BatchWriter.run is already running")
         if self._closing:
@@ -145,38 +168,61 @@ class BatchWriter:
         self._running = True
         self._stopped.clear()
         try:
-            while True:
-                if not self._pending:
-                    if self._closing:
-                        return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                if not self._closing and len(self._pending) < self._batch_size:
-                    started = self._first_pending_at if self._first_pending_at is not None else self._clock()
-                    delay = started + self._flush_interval - self._clock()
-                    if delay > 0:
-                        self._wakeup.clear()
-                        try:
-                            async with asyncio.timeout(delay):
-                                await self._wakeup.wait()
-                        except TimeoutError:
-                            pass
-                        continue
-                await self._write_next_batch()
+            spool = self._spool
+            if spool is None:
+                await self._flush_loop()
+                return
+            try:
+                await spool.open()
+                async with asyncio.TaskGroup() as group:
+                    drain = group.create_task(self._drain(spool), name="spool-drain")
+                    await self._flush_loop()
+                    drain.cancel()
+            finally:
+                await spool.close()
         finally:
             self._running = False
             self._stopped.set()
 
     async def close(self) -> None:
-        """Write everything pending, then make `run` return; `add` raises afterwards."""
+        """Hand off everything pending, then make `run` return; `add` raises afterwards."""
         self._closing = True
         self._wakeup.set()
         if self._running:
             await self._stopped.wait()
-        else:
-            while self._pending:
-                await self._write_next_batch()
+        elif self._pending:
+            spool = self._spool
+            if spool is not None and not spool.is_open:
+                await spool.open()
+                try:
+                    while self._pending:
+                        await self._write_next_batch()
+                finally:
+                    await spool.close()
+            else:
+                while self._pending:
+                    await self._write_next_batch()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if not self._closing and len(self._pending) < self._batch_size:
+                started = self._first_pending_at if self._first_pending_at is not None else self._clock()
+                delay = started + self._flush_interval - self._clock()
+                if delay > 0:
+                    self._wakeup.clear()
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._wakeup.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+            await self._write_next_batch()
 
     async def _write_next_batch(self) -> None:
         size = min(len(self._pending), self._batch_size)
@@ -186,37 +232,10 @@ class BatchWriter:
         # early rather than late, without a timestamp per point.
         if not self._pending:
             self._first_pending_at = None
-        attempt = 0
-        while True:
-            try:
-                await self._store.write(batch)
-            except RejectedPointsError as err:
-                refused = len(err.rejected)
-                self.rejected += refused
-                self.written += len(batch) - refused
-                self.last_error = err.reason
-                logger.warning("store refused %d of %d points: %s", refused, len(batch), err.reason)
-                if self._on_rejected is not None:
-                    self._on_rejected(err)
-            except StoreError as err:
-                # RetryableStoreError, or a store error of unknown kind: retrying keeps the points,
-                # dropping them would not.
-                self.retries += 1
-                self.last_error = str(err)
-                delay = self._retry_delay(attempt)
-                attempt += 1
-                logger.warning(
-                    "store write of %d points failed (attempt %d), retrying in %.2fs: %s",
-                    len(batch),
-                    attempt,
-                    delay,
-                    err,
-                )
-                await self._sleep(delay)
-                continue
-            else:
-                self.written += len(batch)
-            break
+        if self._spool is None:
+            await self._write_in_place(batch)
+        else:
+            await self._hand_off(batch, self._spool)
         self.batches += 1
         self._done += len(batch)
         callbacks = self._callbacks
@@ -224,6 +243,118 @@ class BatchWriter:
             callbacks.popleft()[1]()
         if not self.is_full:
             self._space.set()
+
+    async def _write_in_place(self, batch: list[Point]) -> None:
+        attempt = 0
+        while not await self._try_write(batch):
+            attempt = await self._back_off(attempt, len(batch))
+
+    async def _hand_off(self, batch: list[Point], spool: Spool) -> None:
+        """Write the batch to the store, or to the spool once the store fails or the spool holds anything."""
+        attempt = 0
+        while True:
+            # An empty spool means every earlier batch is in the store, so this one may go straight
+            # there; otherwise it must queue behind them.
+            if spool.empty:
+                if await self._try_write(batch):
+                    return
+                logger.warning(
+                    "store write of %d points failed, spooling them: %s", len(batch), self.last_error
+                )
+            try:
+                await spool.append(batch)
+            except SpoolFullError as err:
+                self.spool_full_waits += 1
+                if not self._spool_full:  # once per episode: a long outage would repeat it per batch
+                    self._spool_full = True
+                    logger.warning(
+                        "%s; holding up to %d points unacknowledged (then reading stops) until the "
+                        "store drains it",
+                        err,
+                        self._max_pending,
+                    )
+                await spool.wait_for_room()
+                continue
+            except UnspoolablePointsError as err:
+                # No store takes these either (line protocol integers are 64-bit); the rest go on.
+                bad = {id(point) for point in err.points}
+                self.rejected += len(bad)
+                self.last_error = err.reason
+                logger.warning("refusing %d of %d points: %s", len(bad), len(batch), err.reason)
+                if self._on_rejected is not None:
+                    self._on_rejected(RejectedPointsError(err.reason, err.points))
+                batch = [point for point in batch if id(point) not in bad]
+                if not batch:
+                    return
+                continue
+            except OSError as err:
+                self.spool_errors += 1
+                delay = self._retry_delay(attempt)
+                attempt += 1
+                logger.error(
+                    "could not write %d points to the spool, retrying in %.2fs: %s", len(batch), delay, err
+                )
+                await self._sleep(delay)
+                continue
+            if self._spool_full:
+                self._spool_full = False
+                logger.info("the spool has room again after %d wait(s)", self.spool_full_waits)
+            self.spooled += len(batch)
+            return
+
+    async def _try_write(self, batch: list[Point]) -> bool:
+        """Write a batch once; return False when it should be tried again later."""
+        try:
+            await self._store.write(batch)
+        except RejectedPointsError as err:
+            self._rejected(err, len(batch))
+        except StoreError as err:
+            # RetryableStoreError, or a store error of unknown kind: retrying keeps the points,
+            # dropping them would not.
+            self.retries += 1
+            self.last_error = str(err)
+            return False
+        else:
+            self.written += len(batch)
+        return True
+
+    async def _back_off(self, attempt: int, points: int) -> int:
+        """Log the failed attempt, sleep before the next one, and return the next attempt number."""
+        delay = self._retry_delay(attempt)
+        logger.warning(
+            "store write of %d points failed (attempt %d), retrying in %.2fs: %s",
+            points,
+            attempt + 1,
+            delay,
+            self.last_error,
+        )
+        await self._sleep(delay)
+        return attempt + 1
+
+    def _rejected(self, err: RejectedPointsError, batch_size: int) -> None:
+        refused = len(err.rejected)
+        self.rejected += refused
+        self.written += batch_size - refused
+        self.last_error = err.reason
+        logger.warning("store refused %d of %d points: %s", refused, batch_size, err.reason)
+        if self._on_rejected is not None:
+            self._on_rejected(err)
+
+    async def _drain(self, spool: Spool) -> None:
+        """Write the spool's segments to the store, oldest first, until cancelled."""
+        attempt = 0
+        while True:
+            await spool.wait_not_empty()
+            segment: Segment | None = await spool.oldest()
+            if segment is None:
+                continue  # every segment left was corrupt (moved aside and counted)
+            while not await self._try_write(segment.points):
+                attempt = await self._back_off(attempt, len(segment.points))
+            if attempt:
+                logger.info("store took a spooled batch again after %d failed attempt(s)", attempt)
+            attempt = 0
+            self.drained += len(segment.points)
+            await spool.remove(segment)
 
     def _retry_delay(self, attempt: int) -> float:
         ceiling = min(self._retry_max, self._retry_initial * 2.0 ** min(attempt, 62))

@@ -683,6 +683,9 @@ def test_m8_session_expired_during_outage_is_detected_and_subscriptions_restored
     gateway, result = asyncio.run(scenario())
     print(f"M8: {result}")
     assert gateway.mqtt.stats.sessions_lost == 1
+    [event] = [p for p in store.points if p.measurement == "gateway_events"]
+    assert dict(event.tags)["kind"] == "session_lost"
+    assert float(event.fields["since"]) < float(event.fields["until"])  # the possible-loss window
     assert not result.missing, str(result)
 
 

@@ -19,6 +19,7 @@ from gateway.config import (
     SqliteSettings,
     StoreSettings,
 )
+from gateway.deadletter import DeadLetterFile
 from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
 from gateway.mqtt import MqttConnection, Subscription
@@ -140,6 +141,12 @@ class Gateway:
             ack_timeout=settings.commands.ack_timeout,
             max_pending=settings.commands.max_pending,
         )
+        dead = settings.dead_letter
+        self.dead_letter = (
+            DeadLetterFile(dead.file, max_bytes=dead.max_bytes)
+            if dead.enabled and dead.file is not None
+            else None
+        )
         self.ingest = TelemetryIngest(
             topics=telemetry,
             decoder=PayloadDecoder(
@@ -152,6 +159,7 @@ class Gateway:
             dead_letter_topic=topics.dead_letter,
             dead_letter_max_bytes=settings.ingest.dead_letter_max_bytes,
             clock=clock,
+            dead_letter_file=self.dead_letter,
         )
         self.points_rejected = 0
         self.status_server: StatusServer | None = None
@@ -178,6 +186,9 @@ class Gateway:
     def _on_rejected(self, error: RejectedPointsError) -> None:
         self.points_rejected += len(error.rejected)
         log.error("store rejected %d point(s): %s", len(error.rejected), error.reason)
+        if self.dead_letter is not None:
+            self.dead_letter.points(error.rejected, error.reason, self._clock())
+            self.dead_letter.sync()  # before the batch's messages are acked
 
     async def _tick_engine(self) -> None:
         while True:
@@ -221,6 +232,8 @@ class Gateway:
                     task.cancel()
         finally:
             await self.store.close()
+            if self.dead_letter is not None:
+                self.dead_letter.close()
 
     def snapshot(self) -> dict[str, Any]:
         """Return the gateway's counters as plain data (for status, metrics and the demo)."""
@@ -243,6 +256,7 @@ class Gateway:
             "commands_timed_out": commands.timed_out,
             "commands_rejected": commands.rejected,
             "points_rejected": self.points_rejected,
+            "dead_letter_records": self.dead_letter.records if self.dead_letter is not None else 0,
             "store_retries": self.writer.retries,
             "mqtt_connected": self.mqtt.connected.is_set(),
             "mqtt_reconnects": max(self.mqtt.stats.connects - 1, 0),

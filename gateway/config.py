@@ -166,6 +166,18 @@ class SpoolSettings(_Section):
     max_bytes: int = Field(1 << 30, ge=1 << 20)
 
 
+class DeadLetterSettings(_Section):
+    """The dead-letter file: refused payloads and points, with reasons, one JSON object per line.
+
+    `file` unset means `dead-letter.jsonl` next to the config file (in the working directory when
+    there is no file); settings built in code have no file to sit next to and then keep none.
+    """
+
+    enabled: bool = True
+    file: Path | None = None
+    max_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+
+
 class HttpSettings(_Section):
     """The operations endpoint: Prometheus `/metrics`, `/healthz`, JSON `/status`."""
 
@@ -200,6 +212,7 @@ class Settings(_Section):
     commands: CommandSettings = CommandSettings()
     http: HttpSettings = HttpSettings()
     spool: SpoolSettings = SpoolSettings()
+    dead_letter: DeadLetterSettings = DeadLetterSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -248,6 +261,10 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     if spool.enabled and (spool.dir is None or not spool.dir.is_absolute()):
         spool_dir = base_dir / (Path("spool") if spool.dir is None else spool.dir)
         updates["spool"] = spool.model_copy(update={"dir": spool_dir})
+    dead = settings.dead_letter
+    if dead.enabled and (dead.file is None or not dead.file.is_absolute()):
+        dead_file = base_dir / (Path("dead-letter.jsonl") if dead.file is None else dead.file)
+        updates["dead_letter"] = dead.model_copy(update={"file": dead_file})
     return settings.model_copy(update=updates) if updates else settings
 
 

@@ -32,6 +32,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "commands_timed_out": ("counter", "Commands without an ack in time"),
     "commands_rejected": ("counter", "Commands refused before sending"),
     "points_rejected": ("counter", "Points the store refused for good"),
+    "dead_letter_records": ("counter", "Records written to the dead-letter file"),
     "store_retries": ("counter", "Store writes retried"),
     "mqtt_reconnects": ("counter", "Reconnections to the broker"),
     "sessions_lost": ("counter", "Reconnections where the broker had not kept our session"),

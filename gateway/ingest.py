@@ -21,6 +21,7 @@ from devices.event import TelemetryEvent
 from devices.payload import PayloadDecoder
 from devices.topic import TopicScheme
 from gateway.commands import CommandDispatcher
+from gateway.deadletter import DeadLetterFile
 from gateway.records import alert_point, telemetry_point
 from gateway.store.base import Point
 from rules.action import Action, RecordAlert
@@ -96,6 +97,7 @@ class TelemetryIngest:
         dead_letter_topic: str,
         dead_letter_max_bytes: int,
         clock: Callable[[], float],
+        dead_letter_file: DeadLetterFile | None = None,
     ) -> None:
         self._topics = topics
         self._decoder = decoder
@@ -105,6 +107,7 @@ class TelemetryIngest:
         self._mqtt = mqtt
         self._dead_letter_topic = dead_letter_topic
         self._dead_letter_max_bytes = dead_letter_max_bytes
+        self._dead_letter_file = dead_letter_file
         self._clock = clock
         self._paused = asyncio.Event()
         self.stats = IngestStats()
@@ -179,9 +182,21 @@ class TelemetryIngest:
         except Exception as exc:  # publishing failed: the log line above is then the only record
             self.stats.dead_letter_failures += 1
             log.error("could not publish to dead-letter topic: %s", exc)
-        # Acked through the writer so acks leave in the order messages arrived.
+        dead_letter_file = self._dead_letter_file
+        if dead_letter_file is not None:
+            dead_letter_file.payload(
+                topic=topic, device_id=device_id, reason=reason, received_at=now, payload=message.payload
+            )
+        # Acked through the writer so acks leave in the order messages arrived, and only once the
+        # dead-letter record is on disk.
         generation = self._mqtt.generation
-        self._sink.add([], lambda: self._mqtt.ack(message.mid, message.qos, generation))
+
+        def recorded() -> None:
+            if dead_letter_file is not None:
+                dead_letter_file.sync()
+            self._mqtt.ack(message.mid, message.qos, generation)
+
+        self._sink.add([], recorded)
 
     def _pause(self) -> None:
         self.stats.backpressure_pauses += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from devices.command import Command
 from devices.payload import PayloadDecoder
@@ -178,3 +179,26 @@ def test_redelivered_message_is_stored_again_but_fires_once() -> None:
     assert measurements.count("alerts") == 2  # one raise, one clear
     assert len(mqtt.published) == 1  # one fan command
     assert ingest.stats.duplicates == 1 and mqtt.acks == [1, 2, 3]
+
+
+def test_rejected_payload_is_on_disk_before_its_ack(tmp_path: Path) -> None:
+    from gateway.deadletter import DeadLetterFile
+
+    ingest, mqtt, sink = make()
+    dead = DeadLetterFile(tmp_path / "dead.jsonl")
+    ingest._dead_letter_file = dead
+    synced: list[bool] = []
+    original_sync = dead.sync
+
+    def sync() -> None:
+        synced.append(True)
+        original_sync()
+
+    dead.sync = sync  # type: ignore[method-assign]
+    ingest.on_message(Msg("devices/gh-1/telemetry", b"garbage", 9))
+    assert mqtt.acks == [] and json.loads((tmp_path / "dead.jsonl").read_text())["reason"].startswith(
+        "invalid JSON"
+    )
+    sink.flush()
+    dead.close()
+    assert synced[0] and mqtt.acks == [9]

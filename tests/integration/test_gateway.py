@@ -7,6 +7,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import paho.mqtt.client as paho
@@ -16,9 +17,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.app import Gateway
 from gateway.broker import MosquittoBroker
-from gateway.config import BatchSettings, MqttSettings, NullSettings, Settings
+from gateway.config import (
+    BatchSettings,
+    DeadLetterSettings,
+    InfluxV1Settings,
+    MqttSettings,
+    NullSettings,
+    Settings,
+)
 from gateway.store.memory import MemoryStore
 from rules import build_rule_set
+from tests.integration.influx_servers import InfluxDBServer
 
 pytestmark = pytest.mark.integration
 DEAD_LETTER = "tidegate/dead-letter"
@@ -131,3 +140,41 @@ def test_messages_published_while_the_gateway_is_down_arrive_after_restart(
     second = asyncio.run(run_once([], 50))
     assert second.mqtt.stats.sessions_lost == 0
     assert sorted(int(p.fields["seq"]) for p in store.points) == list(range(1, 52))
+
+
+def test_field_type_conflict_goes_to_the_dead_letter_file_and_the_rest_is_stored(
+    mosquitto: MosquittoBroker, influxdb_v1: InfluxDBServer, tmp_path: Path
+) -> None:
+    database = influxdb_v1.create_database("conflict")
+    settings = Settings(
+        mqtt=MqttSettings(url=mosquitto.url, client_id=f"tg-{uuid.uuid4().hex[:8]}"),
+        store=InfluxV1Settings(kind="influxdb_v1", url=influxdb_v1.url, database=database),
+        batch=BatchSettings(flush_interval=0.2),
+        dead_letter=DeadLetterSettings(file=tmp_path / "dead.jsonl"),
+    )
+    gateway = Gateway(settings, rule_set=build_rule_set({}))
+    messages = [
+        ("devices/d-1/telemetry", b'{"seq": 1, "level": 1.5}'),
+        ("devices/d-1/telemetry", b'{"seq": 2, "level": "high"}'),  # string where InfluxDB has a float
+        ("devices/d-1/telemetry", b'{"seq": 3, "level": 2.5}'),
+    ]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(gateway.run(stop))
+            await asyncio.wait_for(gateway.mqtt.connected.wait(), 10)
+            await asyncio.to_thread(send, mosquitto, messages[:1])
+            await until(lambda: gateway.ingest.stats.written == 1)  # the float type is now established
+            await asyncio.to_thread(send, mosquitto, messages[1:])
+            await until(lambda: gateway.ingest.stats.written == 3)
+            stop.set()
+            await running
+
+    asyncio.run(scenario())
+    rows = influxdb_v1.rows('SELECT "seq", "level" FROM "telemetry"', database)
+    assert sorted((r["seq"], r["level"]) for r in rows) == [(1, 1.5), (3, 2.5)]
+    assert gateway.snapshot()["points_rejected"] == 1
+    [record] = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert record["kind"] == "point" and record["fields"]["level"] == "high"
+    assert "field type conflict" in record["reason"]

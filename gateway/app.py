@@ -6,8 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from devices.errors import SourceFileError
 from devices.payload import PayloadDecoder
 from devices.topic import TopicScheme
 from gateway.commands import CommandDispatcher
@@ -23,16 +25,20 @@ from gateway.deadletter import DeadLetterFile
 from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
 from gateway.mqtt import MqttConnection, Subscription
-from gateway.records import session_loss_point
-from gateway.rulefiles import read_rule_dir
+from gateway.records import ALERTS, session_loss_point
+from gateway.rulefiles import read_rule_dir, rule_files_fingerprint
 from gateway.store.base import Point, RejectedPointsError, Store
 from gateway.store.batcher import BatchWriter
 from gateway.store.spool import Spool, SpoolStats
-from rules import RuleEngine, RuleSet, build_rule_set
+from rules import AlarmStatus, RuleEngine, RuleSet, build_rule_set
 
 log = logging.getLogger(__name__)
 ENGINE_TICK = 1.0  # how often timers (absence, `for:` durations) are advanced
 DRAIN_TIMEOUT = 10.0
+# How often the rule directory is checked for changes: a stat per file, so cheap; an operator who
+# saves a file sees it in force within this long (SIGHUP reloads at once).
+RULE_POLL_INTERVAL = 2.0
+ACKNOWLEDGED_MESSAGE = "acknowledged"
 
 
 def open_store(settings: StoreSettings) -> Store:
@@ -84,6 +90,12 @@ class Gateway:
         rule_set: rules to run (default: read from `settings.rules.dir`).
         store: the store to write to (default: opened from `settings.store`).
         clock: epoch seconds; injectable for tests.
+        rule_poll_interval: seconds between checks of `settings.rules.dir` for changed files.
+
+    Attributes:
+        rule_reloads: rule sets swapped in by a reload.
+        rule_reload_failures: reloads refused because a rule file had problems (the running rules
+            stayed in force).
     """
 
     def __init__(
@@ -93,11 +105,22 @@ class Gateway:
         rule_set: RuleSet | None = None,
         store: Store | None = None,
         clock: Callable[[], float] = time.time,
+        rule_poll_interval: float = RULE_POLL_INTERVAL,
     ) -> None:
         self.settings = settings
         self._clock = clock
         self.store = store if store is not None else open_store(settings.store)
+        rules_dir = settings.rules.dir
+        # Taken before the files are read, so a write in between is seen as a change.
+        self._rule_fingerprint = rule_files_fingerprint(rules_dir) if rules_dir is not None else frozenset()
+        self._rule_poll_interval = rule_poll_interval
+        self._reload_requested = asyncio.Event()
+        self.rule_reloads = 0
+        self.rule_reload_failures = 0
         self.engine = RuleEngine(rule_set if rule_set is not None else load_rules(settings))
+        # (rule, device) -> `since` of the raised alarm that was acknowledged; a later raise of the
+        # same pair has another `since`, so it shows as unacknowledged again.
+        self._acknowledged: dict[tuple[str, str], float] = {}
         batch = settings.batch
         self.writer = BatchWriter(
             self.store,
@@ -199,6 +222,115 @@ class Gateway:
                 self.ingest.execute(actions, points)
                 self.writer.add(points)
 
+    # -- rule reload ---------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Have the rule watcher re-read the rule files now (the SIGHUP handler of `tidegate run`)."""
+        self._reload_requested.set()
+
+    async def reload_rules(self) -> bool:
+        """Re-read the rule directory and swap its rules in; on any problem keep the running rules.
+
+        Unchanged rules keep their state; the alerts that close the alarms of changed and removed
+        rules are written like any other (see `rules.engine`). Returns whether the new rules run.
+        """
+        directory = self.settings.rules.dir
+        if directory is None:
+            log.warning("rule reload asked for, but no rules.dir is configured")
+            return False
+        try:
+            rule_set = await asyncio.to_thread(read_rule_dir, directory)
+        except SourceFileError as exc:
+            self.rule_reload_failures += 1
+            for problem in exc.problems:
+                log.error("rule reload: %s", problem)
+            log.error(
+                "rule reload refused (%d problem(s)); the running %d rules stay in force",
+                len(exc.problems),
+                len(self.engine.rule_set),
+            )
+            return False
+        reload = self.engine.replace_rules(rule_set, self._clock())
+        self.rule_reloads += 1
+        if reload.actions:
+            points: list[Point] = []
+            self.ingest.execute(reload.actions, points)
+            self.writer.add(points)
+        log.info("reloaded %s", reload.summary())
+        return True
+
+    async def _watch_rules(self, directory: Path) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._rule_poll_interval):
+                    await self._reload_requested.wait()
+            except TimeoutError:
+                pass
+            requested = self._reload_requested.is_set()
+            self._reload_requested.clear()
+            current = rule_files_fingerprint(directory)
+            if requested or current != self._rule_fingerprint:
+                self._rule_fingerprint = current
+                await self.reload_rules()
+
+    # -- alarms --------------------------------------------------------------------------------------
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """List the raised alarms as plain data, each with whether an operator acknowledged it."""
+        active = self.engine.active_alarms()
+        self._forget_stale_acks(active)
+        return [
+            {
+                "rule": alarm.rule_id,
+                "device": alarm.device_id,
+                "severity": alarm.severity,
+                "since": alarm.since,
+                "values": dict(alarm.values),
+                "acknowledged": self._acknowledged.get((alarm.rule_id, alarm.device_id)) == alarm.since,
+            }
+            for alarm in active
+        ]
+
+    def acknowledge(self, rule_id: str, device_id: str) -> dict[str, Any] | None:
+        """Acknowledge the raised alarm of (`rule_id`, `device_id`) and record that in the store.
+
+        Returns the alarm as `alarms` lists it, or None if there is no such raised alarm. A repeated
+        acknowledgement changes nothing and records nothing.
+        """
+        active = self.engine.active_alarms()
+        self._forget_stale_acks(active)
+        for alarm in active:
+            if alarm.rule_id == rule_id and alarm.device_id == device_id:
+                break
+        else:
+            return None
+        key = (rule_id, device_id)
+        if self._acknowledged.get(key) != alarm.since:
+            self._acknowledged[key] = alarm.since
+            tags = (
+                ("device", device_id),
+                ("rule", rule_id),
+                ("severity", alarm.severity),
+                ("state", "acknowledged"),
+            )
+            self.writer.add([Point(ALERTS, tags, {"message": ACKNOWLEDGED_MESSAGE}, self._clock())])
+            log.info("alarm acknowledged: rule %s, device %s", rule_id, device_id)
+        return {
+            "rule": rule_id,
+            "device": device_id,
+            "severity": alarm.severity,
+            "since": alarm.since,
+            "values": dict(alarm.values),
+            "acknowledged": True,
+        }
+
+    def _forget_stale_acks(self, active: list[AlarmStatus]) -> None:
+        # Keeps the map no larger than the set of raised alarms.
+        current = {(alarm.rule_id, alarm.device_id): alarm.since for alarm in active}
+        for key, since in list(self._acknowledged.items()):
+            if current.get(key) != since:
+                del self._acknowledged[key]
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain: stop reading, write what is pending, disconnect."""
         try:
@@ -210,9 +342,15 @@ class Gateway:
                     group.create_task(self.ingest.run_backpressure(), name="backpressure"),
                     group.create_task(self._tick_engine(), name="engine-timers"),
                 ]
+                if self.settings.rules.dir is not None:
+                    tasks.append(
+                        group.create_task(self._watch_rules(self.settings.rules.dir), name="rule-watch")
+                    )
                 address = self.settings.http.address
                 if address is not None:
-                    self.status_server = StatusServer(*address, snapshot=self.snapshot)
+                    self.status_server = StatusServer(
+                        *address, snapshot=self.snapshot, alarms=self.alarms, acknowledge=self.acknowledge
+                    )
                     tasks.append(group.create_task(self.status_server.run(), name="status-http"))
                 self.ready.set()
                 await stop.wait()
@@ -269,4 +407,7 @@ class Gateway:
             "points_spooled": spool.spooled_points,
             "points_drained": spool.drained_points,
             "spool_corrupt_segments": spool.corrupt_segments,
+            "rules_loaded": len(self.engine.rule_set),
+            "rule_reloads": self.rule_reloads,
+            "rule_reload_failures": self.rule_reload_failures,
         }

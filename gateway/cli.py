@@ -82,7 +82,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
     gateway = Gateway(settings)
     log.info("tidegate %s: broker %s, store %s", _version(), settings.mqtt.url, settings.store.kind)
-    asyncio.run(_until_signalled(gateway.run))
+
+    async def run(stop: asyncio.Event) -> None:
+        # SIGHUP re-reads the rule files; only `run` has rules to reload, so the handler lives here.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
+        try:
+            await gateway.run(stop)
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(_until_signalled(run))
     log.info("stopped: %s", json.dumps(gateway.snapshot()))
     return 0
 
@@ -127,20 +137,26 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _endpoint(args: argparse.Namespace) -> str | None:
+    """Return the running gateway's HTTP endpoint from --url or the config, or print why there is none."""
+    url: str | None = getattr(args, "url", None)
+    if url is not None:
+        return url.rstrip("/")
+    from gateway.config import load_settings
+
+    address = load_settings(getattr(args, "config", None)).http.address
+    if address is None:
+        print("error: no http.listen in the config: the gateway serves no status endpoint", file=sys.stderr)
+        return None
+    return f"http://{address[0]}:{address[1]}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import httpx
 
-    url = args.url
+    url = _endpoint(args)
     if url is None:
-        from gateway.config import load_settings
-
-        address = load_settings(args.config).http.address
-        if address is None:
-            print(
-                "error: no http.listen in the config: the gateway serves no status endpoint", file=sys.stderr
-            )
-            return 1
-        url = f"http://{address[0]}:{address[1]}"
+        return 1
     try:
         response = httpx.get(f"{url.rstrip('/')}/status", timeout=5.0)
         response.raise_for_status()
@@ -154,6 +170,70 @@ def cmd_status(args: argparse.Namespace) -> int:
         width = max(map(len, snapshot))
         for key, value in snapshot.items():
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = _endpoint(args)
+    if url is None:
+        return 1
+    try:
+        response = httpx.get(f"{url}/alarms", timeout=5.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"error: cannot read {url}/alarms: {exc}", file=sys.stderr)
+        return 1
+    alarms: list[dict[str, Any]] = response.json()
+    if args.json:
+        print(json.dumps(alarms))
+        return 0
+    if not alarms:
+        print("no active alarms")
+        return 0
+    header = ("RULE", "DEVICE", "SEVERITY", "SINCE", "ACK", "VALUES")
+    rows = [
+        (
+            alarm["rule"],
+            alarm["device"],
+            alarm["severity"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alarm["since"])),
+            "yes" if alarm["acknowledged"] else "no",
+            ", ".join(f"{name}={_cell(value)}" for name, value in alarm["values"].items()),
+        )
+        for alarm in alarms
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    for row in (header, *rows):
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]))
+    print(f"{len(alarms)} active alarm(s), {sum(bool(a['acknowledged']) for a in alarms)} acknowledged")
+    return 0
+
+
+def cmd_alerts_ack(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = _endpoint(args)
+    if url is None:
+        return 1
+    try:
+        response = httpx.post(
+            f"{url}/alarms/ack", json={"rule": args.rule, "device": args.device}, timeout=5.0
+        )
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {url}/alarms/ack: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code == 404 and response.headers.get("content-type") == "application/json":
+        print(f"error: no active alarm for rule {args.rule!r} on device {args.device!r}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(
+            f"error: {url}/alarms/ack answered {response.status_code}: {response.text.strip()}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"acknowledged: rule {args.rule}, device {args.device}")
     return 0
 
 
@@ -346,6 +426,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=cmd_status)
 
+    alerts = sub.add_parser(
+        "alerts",
+        help="list or acknowledge a running gateway's active alarms",
+        description="List the active alarms of a running gateway (rule, device, severity, since, values, "
+        "acknowledged) from its HTTP endpoint (config key http.listen); `alerts ack` acknowledges one.",
+    )
+    _endpoint_arguments(alerts, argparse.SUPPRESS)  # SUPPRESS: `alerts -c F ack ...` keeps F
+    alerts.add_argument("--json", action="store_true", help="print the alarms as one JSON list")
+    alerts.set_defaults(func=cmd_alerts)
+    alerts_sub = alerts.add_subparsers(dest="alerts_command", metavar="ACTION")
+    ack = alerts_sub.add_parser(
+        "ack",
+        help="acknowledge an active alarm",
+        description="Acknowledge the active alarm of RULE on DEVICE; the gateway records it in the store "
+        "(measurement alerts, state acknowledged). Exit 1 if there is no such alarm.",
+    )
+    ack.add_argument("rule", metavar="RULE", help="the rule id")
+    ack.add_argument("device", metavar="DEVICE", help="the device id")
+    _endpoint_arguments(ack, argparse.SUPPRESS)
+    ack.set_defaults(func=cmd_alerts_ack)
+
     demo = sub.add_parser(
         "demo",
         help="run broker, gateway, store and simulated devices on this machine",
@@ -411,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="one JSON object per row")
     query.set_defaults(func=cmd_query)
     return parser
+
+
+def _endpoint_arguments(parser: argparse.ArgumentParser, default: Any) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-c", "--config", metavar="FILE", default=default, help="the running gateway's config file"
+    )
+    group.add_argument("--url", default=default, help="the endpoint, e.g. http://127.0.0.1:9464")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

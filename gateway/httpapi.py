@@ -1,7 +1,12 @@
-"""A small HTTP endpoint for operations: Prometheus `/metrics`, `/healthz` and a JSON `/status`.
+"""A small HTTP endpoint for operations: Prometheus `/metrics`, `/healthz`, a JSON `/status`, and alarms.
 
-Hand-written on asyncio streams because it serves three fixed GET routes to a scraper; a web
-framework would be the largest dependency in the gateway for that.
+Routes: `GET /metrics`, `GET /healthz`, `GET /status`, `GET /alarms` (the raised alarms as a JSON
+list) and `POST /alarms/ack` with a JSON body `{"rule": ..., "device": ...}` (200 with the alarm,
+404 if no such alarm is raised, 400 for a malformed body).
+
+Hand-written on asyncio streams because it serves a few fixed routes to a scraper and the CLI; a web
+framework would be the largest dependency in the gateway for that. The one request body it accepts
+is bounded (`MAX_BODY`, read only after its declared length is checked) and must be a JSON object.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_LINE = 8_192
+MAX_BODY = 4_096  # an ack body is two ids; anything near this is not one
 READ_TIMEOUT = 5.0
+_NOT_FOUND_TEXT = "try /metrics, /healthz, /status or /alarms\n"
+
+AlarmList = Callable[[], list[dict[str, Any]]]
+Acknowledge = Callable[[str, str], Mapping[str, Any] | None]
 
 # name -> (type, help); counters are monotonic, gauges go up and down
 METRICS: dict[str, tuple[str, str]] = {
@@ -41,7 +51,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "points_drained": ("counter", "Points drained from the spool into the store"),
     "spool_corrupt_segments": ("counter", "Spool segments found corrupt and moved aside"),
     "session_loss_windows": ("counter", "Time windows in which messages for us may have been lost"),
+    "rule_reloads": ("counter", "Rule sets swapped in by a reload (file change or SIGHUP)"),
+    "rule_reload_failures": ("counter", "Reloads refused because a rule file had problems"),
     "mqtt_connected": ("gauge", "1 while connected to the broker"),
+    "rules_loaded": ("gauge", "Rules in force"),
     "spool_points": ("gauge", "Points held in the on-disk spool"),
     "spool_bytes": ("gauge", "Bytes held in the on-disk spool"),
     "pending_points": ("gauge", "Points waiting to be written"),
@@ -60,12 +73,64 @@ def render_metrics(snapshot: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class StatusServer:
-    """Serve `/metrics`, `/healthz` and `/status` from a snapshot function."""
+class _BadRequest(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+
+def _content_length(head: bytes) -> int:
+    """Return the declared body length from the request head, or raise `_BadRequest`."""
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"content-length":
+            text = value.strip()
+            if not text.isdigit() or len(text) > 9:
+                raise _BadRequest("400 Bad Request", "invalid Content-Length")
+            length = int(text)
+            if length > MAX_BODY:
+                raise _BadRequest("413 Content Too Large", f"body larger than {MAX_BODY} bytes")
+            return length
+    raise _BadRequest("411 Length Required", "send the JSON body with a Content-Length")
+
+
+def _parse_ack_body(body: bytes) -> tuple[str, str]:
+    """Return (rule, device) from an ack body `{"rule": ..., "device": ...}`, or raise `_BadRequest`."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _BadRequest("400 Bad Request", "the body is not JSON") from None
+    if not isinstance(data, dict) or set(data) != {"rule", "device"}:
+        raise _BadRequest("400 Bad Request", 'expected {"rule": "<rule id>", "device": "<device id>"}')
+    rule, device = data["rule"], data["device"]
+    if not isinstance(rule, str) or not isinstance(device, str) or not rule or not device:
+        raise _BadRequest("400 Bad Request", "rule and device must be non-empty text")
+    return rule, device
+
+
+class StatusServer:
+    """Serve `/metrics`, `/healthz` and `/status` from a snapshot function, and alarms if given.
+
+    Args:
+        snapshot: the gateway's counters.
+        alarms: lists the raised alarms (`/alarms` answers 404 without it).
+        acknowledge: acknowledges (rule, device), returning the alarm or None if none is raised.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        snapshot: Callable[[], Mapping[str, Any]],
+        *,
+        alarms: AlarmList | None = None,
+        acknowledge: Acknowledge | None = None,
+    ) -> None:
         self._host, self._port = host, port
         self._snapshot = snapshot
+        self._alarms = alarms
+        self._acknowledge = acknowledge
         self.port = port  # the bound port once running (useful with port 0)
 
     async def run(self, started: asyncio.Event | None = None) -> None:
@@ -82,27 +147,54 @@ class StatusServer:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 request = await reader.readuntil(b"\r\n\r\n")
+                parts = request[:MAX_REQUEST_LINE].split(b"\r\n", 1)[0].split()
+                method, path = (parts[0], parts[1].split(b"?")[0]) if len(parts) >= 2 else (b"", b"")
+                body = b""
+                if method == b"POST" and path == b"/alarms/ack" and self._acknowledge is not None:
+                    body = await reader.readexactly(_content_length(request))
+        except _BadRequest as exc:
+            await self._respond(writer, exc.status, "application/json", _error(exc.message))
+            return
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
-        parts = request[:MAX_REQUEST_LINE].split(b"\r\n", 1)[0].split()
-        method, path = (parts[0], parts[1].split(b"?")[0]) if len(parts) >= 2 else (b"", b"")
+        status, kind, text = self._route(method, path, body)
+        await self._respond(writer, status, kind, text)
+
+    def _route(self, method: bytes, path: bytes, body: bytes) -> tuple[str, str, str]:
+        if path == b"/alarms/ack" and self._acknowledge is not None:
+            if method != b"POST":
+                return "405 Method Not Allowed", "text/plain", "POST only\n"
+            try:
+                rule, device = _parse_ack_body(body)
+            except _BadRequest as exc:
+                return exc.status, "application/json", _error(exc.message)
+            alarm = self._acknowledge(rule, device)
+            if alarm is None:
+                return (
+                    "404 Not Found",
+                    "application/json",
+                    _error(f"no raised alarm for rule {rule!r} on {device!r}"),
+                )
+            return "200 OK", "application/json", json.dumps(alarm, default=str)
         if method != b"GET":
-            status, kind, body = "405 Method Not Allowed", "text/plain", "GET only\n"
-        elif path == b"/metrics":
-            status, kind, body = "200 OK", "text/plain; version=0.0.4", render_metrics(self._snapshot())
-        elif path == b"/healthz":
+            return "405 Method Not Allowed", "text/plain", "GET only\n"
+        if path == b"/metrics":
+            return "200 OK", "text/plain; version=0.0.4", render_metrics(self._snapshot())
+        if path == b"/healthz":
             snapshot = self._snapshot()
             healthy = bool(snapshot.get("mqtt_connected")) and not snapshot.get("store_failing")
-            status = "200 OK" if healthy else "503 Service Unavailable"
-            kind = "application/json"
-            body = json.dumps(
+            health = json.dumps(
                 {"healthy": healthy, **{k: snapshot.get(k) for k in ("mqtt_connected", "store_failing")}}
             )
-        elif path == b"/status":
-            status, kind, body = "200 OK", "application/json", json.dumps(self._snapshot(), default=str)
-        else:
-            status, kind, body = "404 Not Found", "text/plain", "try /metrics, /healthz or /status\n"
+            return ("200 OK" if healthy else "503 Service Unavailable"), "application/json", health
+        if path == b"/status":
+            return "200 OK", "application/json", json.dumps(self._snapshot(), default=str)
+        if path == b"/alarms" and self._alarms is not None:
+            return "200 OK", "application/json", json.dumps(self._alarms(), default=str)
+        return "404 Not Found", "text/plain", _NOT_FOUND_TEXT
+
+    async def _respond(self, writer: asyncio.StreamWriter, status: str, kind: str, body: str) -> None:
         payload = body.encode()
         head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         try:
@@ -112,3 +204,7 @@ class StatusServer:
             pass
         finally:
             writer.close()
+
+
+def _error(message: str) -> str:
+    return json.dumps({"error": message})

@@ -8,7 +8,7 @@
 
 | gateway_events | kind, client_id                        | since, until (epoch seconds), detail                  |
 
-`state` is `raised` or `cleared`; command `status` is `sent`, `ok`, `error`, `timed_out` or `rejected`.
+`state` is `raised`, `cleared` or `acknowledged`; command `status` is `sent`, `ok`, `error`, `timed_out` or `rejected`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,16 @@ Late events: the engine keeps each device's newest event time. An event older th
 the rule file's `lateness` is late for the rule: it is not added to the rule's windows and does not
 change its alarm, and the engine counts it once in `late_events` (the gateway still stores it as
 telemetry). Absence rules are the exception: any event, late or not, shows the device is alive.
+
+Reload (`replace_rules`): a rule whose id and definition are unchanged keeps its compiled object, and
+so its windows, pending timers, postponements, cooldowns and raised alarms. A changed rule (same id,
+any difference in its definition, including the file's `lateness` it inherits) and a removed rule
+drop all of that; each of their raised alarms is closed with a `cleared` alert, message "rule
+changed" or "rule removed", stamped with the reload time and with no values, so every `raised`
+record in the store keeps a matching `cleared` one. Only the alert is recorded: `on_clear` commands
+are not sent, because no condition cleared the alarm. A changed rule raises again, fresh, as soon
+as its new condition holds. Absence rules that are new or changed count each device's silence from
+the reload.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import heapq
 import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from devices.event import FieldValue, TelemetryEvent
@@ -56,6 +66,29 @@ class AlarmStatus:
     severity: Severity
     since: float
     values: Mapping[str, FieldValue]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleReload:
+    """What `RuleEngine.replace_rules` did: rule ids by outcome, and the alerts that close alarms."""
+
+    unchanged: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    actions: list[Action] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Describe the reload in one line, e.g. `3 rules (1 unchanged, 1 changed, 1 added, 0 removed)`."""
+        total = len(self.unchanged) + len(self.changed) + len(self.added)
+        return (
+            f"{total} rules ({len(self.unchanged)} unchanged, {len(self.changed)} changed, "
+            f"{len(self.added)} added, {len(self.removed)} removed)"
+        )
+
+
+RULE_CHANGED_MESSAGE = "rule changed"
+RULE_REMOVED_MESSAGE = "rule removed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +180,7 @@ class _CompiledRule:
         "raise_fields",
         "rule",
         "sent",
+        "silent_from",
         "specs",
         "states",
         "when_expression",
@@ -165,6 +199,9 @@ class _CompiledRule:
         self.states: dict[str, _DeviceState] = {}
         self.armed: set[str] = set()  # absence: devices with a pending silence timer
         self.absent = rule.absent
+        # Absence: silence counts from no earlier than this (gateway time); a rule added by a reload
+        # must not raise at once for a device that was quiet before the rule existed.
+        self.silent_from = float("-inf")
         self.hold = rule.hold if isinstance(rule.hold, float) else None
         self.n_of_m = rule.hold if isinstance(rule.hold, NOfM) else None
         if rule.when is None:
@@ -285,7 +322,7 @@ class _CompiledRule:
             if device_id in self.alarms:
                 self.armed.discard(device_id)
                 return
-            seen = engine.last_seen(device_id)
+            seen = max(engine.last_seen(device_id), self.silent_from)
             silent_until = seen + self.absent
             if silent_until > due:
                 engine.schedule(silent_until, _SILENT, self, device_id)
@@ -383,6 +420,14 @@ class _CompiledRule:
                 actions.append(
                     RecordAlert(rule.id, device_id, state_name, rule.severity, ts, message, dict(values))
                 )
+
+    def close_alarms(self, message: str, now: float, actions: list[Action]) -> None:
+        """Record a `cleared` alert for every raised alarm, because the rule is being replaced."""
+        rule = self.rule
+        if "alert" not in rule.on_raise:
+            return  # no `raised` record was written, so none needs closing
+        for device_id in sorted(self.alarms):
+            actions.append(RecordAlert(rule.id, device_id, "cleared", rule.severity, now, message, {}))
 
     def values(
         self, raise_: bool, fields: Mapping[str, FieldValue], state: _DeviceState | None
@@ -522,6 +567,58 @@ class RuleEngine:
                     compiled.armed.add(device_id)
                     assert compiled.absent is not None
                     self.schedule(now + compiled.absent, _SILENT, compiled, device_id)
+
+    def replace_rules(self, rule_set: RuleSet, now: float) -> RuleReload:
+        """Run `rule_set` from now on, keeping the state of the rules that did not change.
+
+        Returns which rules were unchanged, changed, added and removed, and the `cleared` alerts
+        that close the raised alarms of changed and removed rules (see the module docstring).
+        """
+        old = {compiled.rule.id: compiled for compiled in self._rules}
+        actions: list[Action] = []
+        unchanged: list[str] = []
+        changed: list[str] = []
+        added: list[str] = []
+        compiled_rules: list[_CompiledRule] = []
+        fresh: list[_CompiledRule] = []
+        for rule in rule_set:
+            previous = old.pop(rule.id, None)
+            if previous is not None and previous.rule == rule:
+                unchanged.append(rule.id)
+                compiled_rules.append(previous)
+                continue
+            if previous is None:
+                added.append(rule.id)
+            else:
+                changed.append(rule.id)
+                previous.close_alarms(RULE_CHANGED_MESSAGE, now, actions)
+            compiled = _CompiledRule(rule)
+            compiled.silent_from = now
+            compiled_rules.append(compiled)
+            fresh.append(compiled)
+        for previous in old.values():
+            previous.close_alarms(RULE_REMOVED_MESSAGE, now, actions)
+        kept = {id(compiled) for compiled in compiled_rules}
+        timers = [timer for timer in self._timers if id(timer[3]) in kept]
+        heapq.heapify(timers)
+        self._timers = timers
+        self.rule_set = rule_set
+        self._rules = tuple(compiled_rules)
+        self._absence = tuple(compiled for compiled in self._rules if compiled.kind == _ABSENT)
+        self._plans.clear()
+        if self._start is not None:
+            # Before the first event or tick, `_begin` arms every absence rule; after it, new ones
+            # cover the devices heard from so far and the registry's.
+            devices = dict.fromkeys((*self._known, *self._newest, *self._seen))
+            for compiled in fresh:
+                if compiled.kind != _ABSENT:
+                    continue
+                assert compiled.absent is not None
+                for device_id in devices:
+                    if compiled.matches(device_id):
+                        compiled.armed.add(device_id)
+                        self.schedule(now + compiled.absent, _SILENT, compiled, device_id)
+        return RuleReload(tuple(unchanged), tuple(changed), tuple(added), tuple(old), actions)
 
     def active_alarms(self) -> list[AlarmStatus]:
         """List the raised alarms, in rule order and then by device id."""

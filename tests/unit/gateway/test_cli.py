@@ -44,6 +44,16 @@ HELP_CASES = [
     pytest.param(
         ["status"], ["usage: tidegate status", "--url", "--config", "http.listen", "--json"], id="status"
     ),
+    pytest.param(
+        ["alerts"],
+        ["usage: tidegate alerts", "--url", "--config", "--json", "http.listen", "acknowledged", "ack"],
+        id="alerts",
+    ),
+    pytest.param(
+        ["alerts", "ack"],
+        ["usage: tidegate alerts ack", "RULE", "DEVICE", "--url", "--config", "Exit 1"],
+        id="alerts-ack",
+    ),
     pytest.param(["config"], ["usage: tidegate config", "check", "validate a config file"], id="config"),
     pytest.param(
         ["config", "check"],

@@ -19,6 +19,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,7 @@ class MqttConnection:
         self._sock_fd: int | None = None
         self._paused = False
         self._last_inbound = 0.0
+        self._unconfirmed: deque[paho.MQTTMessageInfo] = deque()
         self._had_session = False
         self._disconnected_at: float | None = None
         self._on_session_lost = on_session_lost
@@ -168,10 +170,31 @@ class MqttConnection:
             misc.cancel()
             await asyncio.gather(misc, return_exceptions=True)
 
-    async def disconnect(self) -> None:
-        """Disconnect cleanly; the broker keeps our session (and queues for us) until it expires."""
+    @property
+    def unconfirmed_publishes(self) -> int:
+        """Our QoS 1 publishes (commands, dead letters) the broker has not acknowledged yet."""
+        self._unconfirmed = deque(info for info in self._unconfirmed if not info.is_published())
+        return len(self._unconfirmed)
+
+    async def disconnect(self, *, flush_timeout: float = 5.0) -> None:
+        """Disconnect cleanly; the broker keeps our session (and queues for us) until it expires.
+
+        Our own QoS 1 publishes live only in paho's memory until the broker acknowledges them, so
+        wait (bounded) for those first rather than lose commands at shutdown.
+        """
         self._closing = True
         if self.connected.is_set():
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    # paho signals completion per message id only; a short poll is simpler than tracking them
+                    while self.unconfirmed_publishes and self.connected.is_set():  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                log.warning(
+                    "%d publish(es) not acknowledged by the broker within %ss of shutdown: they are lost",
+                    self.unconfirmed_publishes,
+                    flush_timeout,
+                )
             self._client.disconnect()
             if self._ended is not None:
                 try:
@@ -194,6 +217,8 @@ class MqttConnection:
             raise MqttPublishError(f"outgoing queue full ({MAX_OUTGOING_QUEUE}) while disconnected")
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise MqttPublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        if qos:
+            self._unconfirmed.append(info)  # pruned in the misc loop; paho bounds what is outstanding
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """PUBACK a message if it arrived on the current connection (else the broker redelivers it)."""
@@ -340,6 +365,8 @@ class MqttConnection:
         while True:
             await asyncio.sleep(MISC_INTERVAL)
             self._client.loop_misc()
+            if len(self._unconfirmed) > 100:
+                self._unconfirmed = deque(info for info in self._unconfirmed if not info.is_published())
             # paho pings after `keepalive` of silence and gives up only one more `keepalive` later, so
             # a silent partition would take ~2x keepalive to notice. A healthy link brings a PINGRESP
             # within keepalive + MISC_INTERVAL; past 1.5x keepalive of silence the link is dead.

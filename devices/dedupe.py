@@ -44,6 +44,31 @@ class SeqTracker:
         self._seen[device_id] = (highest, mask | bit)
         return True
 
+    def export_state(self) -> dict[str, list[int | str]]:
+        """Return what is remembered as plain JSON-able data: device -> [highest seq, mask as hex]."""
+        return {device_id: [highest, format(mask, "x")] for device_id, (highest, mask) in self._seen.items()}
+
+    def restore_state(self, data: object) -> None:
+        """Replace what is remembered with what `export_state` returned.
+
+        Raises:
+            ValueError: the data is not such a state; nothing is changed then.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object of devices, got {type(data).__name__}")
+        seen: dict[str, tuple[int, int]] = {}
+        limit = 1 << self._window
+        for device_id, entry in data.items():
+            try:
+                highest, mask_hex = entry
+                mask = int(mask_hex, 16)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"device {device_id!r}: expected [seq, hex mask], got {entry!r}") from exc
+            if not isinstance(device_id, str) or type(highest) is not int or not 0 <= mask < limit:
+                raise ValueError(f"device {device_id!r}: expected [seq, hex mask], got {entry!r}")
+            seen[device_id] = (highest, mask)
+        self._seen = seen
+
     def forget(self, device_id: str) -> None:
         """Drop what is known of one device."""
         self._seen.pop(device_id, None)

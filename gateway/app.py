@@ -12,6 +12,7 @@ from typing import Any
 from devices.errors import SourceFileError
 from devices.payload import PayloadDecoder
 from devices.topic import TopicScheme
+from gateway.checkpoint import RuleStateCheckpointer
 from gateway.commands import CommandDispatcher
 from gateway.config import (
     InfluxV1Settings,
@@ -22,6 +23,7 @@ from gateway.config import (
     StoreSettings,
 )
 from gateway.deadletter import DeadLetterFile
+from gateway.devicefile import read_device_file
 from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
 from gateway.mqtt import MqttConnection, Subscription
@@ -137,6 +139,7 @@ class Gateway:
         topics = settings.mqtt.topics
         telemetry = TopicScheme(topics.telemetry)
         self._acks = TopicScheme(topics.command_acks)
+        status_topics = TopicScheme(topics.status)
         mqtt = settings.mqtt
         self.mqtt = MqttConnection(
             host=mqtt.host,
@@ -153,6 +156,7 @@ class Gateway:
             subscriptions=[
                 Subscription(telemetry.subscription, 1, self._on_telemetry),
                 Subscription(self._acks.subscription, 1, self._on_command_ack),
+                Subscription(status_topics.subscription, 1, self._on_status),
             ],
             on_session_lost=self._on_session_lost,
         )
@@ -183,6 +187,21 @@ class Gateway:
             dead_letter_max_bytes=settings.ingest.dead_letter_max_bytes,
             clock=clock,
             dead_letter_file=self.dead_letter,
+            registry=read_device_file(settings.devices.file) if settings.devices.file is not None else None,
+            unknown_devices=settings.devices.unknown,
+            status_topics=status_topics,
+        )
+        rules = settings.rules
+        self.checkpointer = (
+            RuleStateCheckpointer(
+                rules.checkpoint_file,
+                engine=self.engine,
+                seqs=self.ingest.seqs,
+                writer=self.writer,
+                interval=rules.checkpoint_interval,
+            )
+            if rules.checkpoint_enabled and rules.checkpoint_file is not None
+            else None
         )
         self.points_rejected = 0
         self.status_server: StatusServer | None = None
@@ -190,6 +209,9 @@ class Gateway:
 
     def _on_telemetry(self, message: Any) -> None:
         self.ingest.on_message(message)
+
+    def _on_status(self, message: Any) -> None:
+        self.ingest.on_status(message)
 
     def _on_command_ack(self, message: Any) -> None:
         device_id = self._acks.device_id(message.topic)
@@ -324,6 +346,35 @@ class Gateway:
             "acknowledged": True,
         }
 
+    def devices(self) -> list[dict[str, Any]]:
+        """List registered, heard-from and quarantined devices with status, rate and alarm count."""
+        now = self._clock()
+        ingest = self.ingest
+        registry = ingest.registry.devices
+        alarms: dict[str, int] = {}
+        for alarm in self.engine.active_alarms():
+            alarms[alarm.device_id] = alarms.get(alarm.device_id, 0) + 1
+        ids = sorted({*registry, *ingest.tracker.device_ids()})
+        rows = []
+        for device_id in ids:
+            view = ingest.tracker.view(device_id, now)
+            entry = registry.get(device_id)
+            rows.append(
+                {
+                    "device": device_id,
+                    "type": entry.type if entry is not None else None,
+                    "registered": entry is not None,
+                    "quarantined": device_id in ingest.quarantined,
+                    "tags": dict(entry.tags) if entry is not None else {},
+                    "status": view.status,
+                    "status_since": view.status_since,
+                    "last_seen": view.last_seen,
+                    "rate": view.rate,
+                    "alarms": alarms.get(device_id, 0),
+                }
+            )
+        return rows
+
     def _forget_stale_acks(self, active: list[AlarmStatus]) -> None:
         # Keeps the map no larger than the set of raised alarms.
         current = {(alarm.rule_id, alarm.device_id): alarm.since for alarm in active}
@@ -333,6 +384,15 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain: stop reading, write what is pending, disconnect."""
+        if self.checkpointer is not None:  # before the first message or tick, and before the registry
+            restored = await self.checkpointer.restore(self._clock())
+            if restored:
+                points: list[Point] = []
+                self.ingest.execute(restored, points)
+                self.writer.add(points)
+        registered = self.ingest.registry.devices
+        if registered:  # absence rules then cover registered devices that never speak at all
+            self.engine.add_known_devices(registered, self._clock())
         try:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self.writer.run(), name="batch-writer")
@@ -349,17 +409,30 @@ class Gateway:
                 address = self.settings.http.address
                 if address is not None:
                     self.status_server = StatusServer(
-                        *address, snapshot=self.snapshot, alarms=self.alarms, acknowledge=self.acknowledge
+                        *address,
+                        snapshot=self.snapshot,
+                        alarms=self.alarms,
+                        acknowledge=self.acknowledge,
+                        devices=self.devices,
                     )
                     tasks.append(group.create_task(self.status_server.run(), name="status-http"))
+                checkpoints = (
+                    group.create_task(self.checkpointer.run(), name="rule-checkpoints")
+                    if self.checkpointer is not None
+                    else None
+                )
                 self.ready.set()
                 await stop.wait()
                 log.info("stopping: flushing pending writes")
+                if checkpoints is not None:
+                    checkpoints.cancel()
                 self.mqtt.pause_reading()
                 try:
                     # acks for everything written go out before we disconnect; what cannot be written
                     # in time stays unacked, and the broker redelivers it to our session on restart
                     await asyncio.wait_for(self.writer.close(), timeout=DRAIN_TIMEOUT)
+                    if self.checkpointer is not None:  # all written: the state may say so
+                        await self.checkpointer.close()
                 except TimeoutError:
                     log.warning(
                         "store did not take pending points within %ss; the broker keeps them", DRAIN_TIMEOUT
@@ -410,4 +483,8 @@ class Gateway:
             "rules_loaded": len(self.engine.rule_set),
             "rule_reloads": self.rule_reloads,
             "rule_reload_failures": self.rule_reload_failures,
+            "checkpoints_written": self.checkpointer.written if self.checkpointer is not None else 0,
+            "checkpoint_failures": self.checkpointer.failures if self.checkpointer is not None else 0,
+            "devices_quarantined": ingest.quarantined,
+            "device_status_changes": ingest.status_changes,
         }

@@ -105,6 +105,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from gateway.config import load_settings, redacted
 
     settings = load_settings(args.file)
+    if settings.devices.file is not None:
+        from gateway.devicefile import read_device_file
+
+        registry = read_device_file(settings.devices.file)
+        print(f"{settings.devices.file}: ok, {len(registry)} device(s) of {len(registry.types)} type(s)")
     print(f"{args.file}: ok")
     if args.show:
         print(json.dumps(redacted(settings), indent=2))
@@ -212,6 +217,57 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     for row in (header, *rows):
         print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]))
     print(f"{len(alarms)} active alarm(s), {sum(bool(a['acknowledged']) for a in alarms)} acknowledged")
+    return 0
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(now - ts, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = _endpoint(args)
+    if url is None:
+        return 1
+    try:
+        response = httpx.get(f"{url}/devices", timeout=5.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"error: cannot read {url}/devices: {exc}", file=sys.stderr)
+        return 1
+    devices: list[dict[str, Any]] = response.json()
+    if args.json:
+        print(json.dumps(devices))
+        return 0
+    if not devices:
+        print("no devices registered or heard from")
+        return 0
+    now = time.time()
+    header = ("DEVICE", "TYPE", "STATUS", "LAST SEEN", "MSG/S", "ALARMS")
+    rows = [
+        (
+            device["device"],
+            device["type"] or ("(quarantined)" if device["quarantined"] else "(unregistered)"),
+            device["status"],
+            _ago(device["last_seen"], now),
+            f"{device['rate']:.2f}",
+            str(device["alarms"]),
+        )
+        for device in devices
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    online = sum(device["status"] == "online" for device in devices)
+    print(f"{len(devices)} device(s), {online} online")
     return 0
 
 
@@ -450,6 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("device", metavar="DEVICE", help="the device id")
     _endpoint_arguments(ack, argparse.SUPPRESS)
     ack.set_defaults(func=cmd_alerts_ack)
+
+    devices = sub.add_parser(
+        "devices",
+        help="list a running gateway's devices",
+        description="List the devices a running gateway knows (registered, heard from, quarantined) with "
+        "type, status (online/offline from birth and last-will messages), last seen, message rate over "
+        "the last minute and active alarms, from its HTTP endpoint (config key http.listen).",
+    )
+    _endpoint_arguments(devices, None)
+    devices.add_argument("--json", action="store_true", help="print the devices as one JSON list")
+    devices.set_defaults(func=cmd_devices)
 
     demo = sub.add_parser(
         "demo",

@@ -32,9 +32,10 @@ class TopicSettings(_Section):
     telemetry: str = "devices/{device_id}/telemetry"
     commands: str = "devices/{device_id}/commands"
     command_acks: str = "devices/{device_id}/commands/ack"
+    status: str = "devices/{device_id}/status"
     dead_letter: str = "tidegate/dead-letter"
 
-    @field_validator("telemetry", "commands", "command_acks")
+    @field_validator("telemetry", "commands", "command_acks", "status")
     @classmethod
     def _one_placeholder(cls, value: str) -> str:
         TopicScheme(value)  # raises ValueError with a clear message
@@ -139,9 +140,18 @@ class IngestSettings(_Section):
 
 
 class RulesSettings(_Section):
-    """Where rule files live."""
+    """Where rule files live, and where the rules' state is kept across restarts.
+
+    `checkpoint_file` unset means `rules-state.json` next to the config file (in the working
+    directory when there is no file); a relative one resolves against the config file's directory.
+    Settings built in code have no file to sit next to: there, an unset `checkpoint_file` means no
+    checkpoints. `checkpoint_enabled: false` turns them off.
+    """
 
     dir: Path | None = None
+    checkpoint_enabled: bool = True
+    checkpoint_file: Path | None = None
+    checkpoint_interval: float = Field(10.0, gt=0)
 
 
 class CommandSettings(_Section):
@@ -201,6 +211,18 @@ class HttpSettings(_Section):
         return host.strip("[]"), int(port)
 
 
+class DevicesSettings(_Section):
+    """The device registry (see devices/registry.py) and what to do with devices not in it.
+
+    `unknown`: `accept` stores their telemetry like any other; `reject` dead-letters it;
+    `quarantine` stores it in the `quarantine` measurement, keeps it from the rules, and lists the
+    device in `tidegate devices`. With no `file`, every device is unknown.
+    """
+
+    file: Path | None = None
+    unknown: Literal["accept", "reject", "quarantine"] = "accept"
+
+
 class Settings(_Section):
     """The whole gateway configuration."""
 
@@ -213,6 +235,7 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     spool: SpoolSettings = SpoolSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
+    devices: DevicesSettings = DevicesSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -255,8 +278,18 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     updates: dict[str, Any] = {}
     if settings.rules.dir is not None and not settings.rules.dir.is_absolute():
         updates["rules"] = settings.rules.model_copy(update={"dir": base_dir / settings.rules.dir})
+    if settings.devices.file is not None and not settings.devices.file.is_absolute():
+        updates["devices"] = settings.devices.model_copy(update={"file": base_dir / settings.devices.file})
     if isinstance(settings.store, SqliteSettings) and not settings.store.path.is_absolute():
         updates["store"] = settings.store.model_copy(update={"path": base_dir / settings.store.path})
+    rules = updates.get("rules", settings.rules)
+    if rules.checkpoint_enabled and (
+        rules.checkpoint_file is None or not rules.checkpoint_file.is_absolute()
+    ):
+        state_file = base_dir / (
+            Path("rules-state.json") if rules.checkpoint_file is None else rules.checkpoint_file
+        )
+        updates["rules"] = rules.model_copy(update={"checkpoint_file": state_file})
     spool = settings.spool
     if spool.enabled and (spool.dir is None or not spool.dir.is_absolute()):
         spool_dir = base_dir / (Path("spool") if spool.dir is None else spool.dir)

@@ -1,7 +1,7 @@
 """A small HTTP endpoint for operations: Prometheus `/metrics`, `/healthz`, a JSON `/status`, and alarms.
 
 Routes: `GET /metrics`, `GET /healthz`, `GET /status`, `GET /alarms` (the raised alarms as a JSON
-list) and `POST /alarms/ack` with a JSON body `{"rule": ..., "device": ...}` (200 with the alarm,
+list), `GET /devices` (devices with type, status, last seen, rate and alarm count, a JSON list) and `POST /alarms/ack` with a JSON body `{"rule": ..., "device": ...}` (200 with the alarm,
 404 if no such alarm is raised, 400 for a malformed body).
 
 Hand-written on asyncio streams because it serves a few fixed routes to a scraper and the CLI; a web
@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_LINE = 8_192
 MAX_BODY = 4_096  # an ack body is two ids; anything near this is not one
 READ_TIMEOUT = 5.0
-_NOT_FOUND_TEXT = "try /metrics, /healthz, /status or /alarms\n"
+_NOT_FOUND_TEXT = "try /metrics, /healthz, /status, /alarms or /devices\n"
 
 AlarmList = Callable[[], list[dict[str, Any]]]
+DeviceList = Callable[[], list[dict[str, Any]]]
 Acknowledge = Callable[[str, str], Mapping[str, Any] | None]
 
 # name -> (type, help); counters are monotonic, gauges go up and down
@@ -53,6 +54,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "session_loss_windows": ("counter", "Time windows in which messages for us may have been lost"),
     "rule_reloads": ("counter", "Rule sets swapped in by a reload (file change or SIGHUP)"),
     "rule_reload_failures": ("counter", "Reloads refused because a rule file had problems"),
+    "devices_quarantined": ("counter", "Telemetry messages of unregistered devices stored apart"),
+    "device_status_changes": ("counter", "Device online/offline changes recorded"),
+    "checkpoints_written": ("counter", "Rule-state checkpoints written to disk"),
+    "checkpoint_failures": ("counter", "Rule-state checkpoints that could not be written"),
     "mqtt_connected": ("gauge", "1 while connected to the broker"),
     "rules_loaded": ("gauge", "Rules in force"),
     "spool_points": ("gauge", "Points held in the on-disk spool"),
@@ -116,6 +121,7 @@ class StatusServer:
         snapshot: the gateway's counters.
         alarms: lists the raised alarms (`/alarms` answers 404 without it).
         acknowledge: acknowledges (rule, device), returning the alarm or None if none is raised.
+        devices: lists the devices (`/devices` answers 404 without it).
     """
 
     def __init__(
@@ -126,11 +132,13 @@ class StatusServer:
         *,
         alarms: AlarmList | None = None,
         acknowledge: Acknowledge | None = None,
+        devices: DeviceList | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._snapshot = snapshot
         self._alarms = alarms
         self._acknowledge = acknowledge
+        self._devices = devices
         self.port = port  # the bound port once running (useful with port 0)
 
     async def run(self, started: asyncio.Event | None = None) -> None:
@@ -192,6 +200,8 @@ class StatusServer:
             return "200 OK", "application/json", json.dumps(self._snapshot(), default=str)
         if path == b"/alarms" and self._alarms is not None:
             return "200 OK", "application/json", json.dumps(self._alarms(), default=str)
+        if path == b"/devices" and self._devices is not None:
+            return "200 OK", "application/json", json.dumps(self._devices(), default=str)
         return "404 Not Found", "text/plain", _NOT_FOUND_TEXT
 
     async def _respond(self, writer: asyncio.StreamWriter, status: str, kind: str, body: str) -> None:

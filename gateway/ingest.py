@@ -4,6 +4,10 @@ A message is acknowledged to the broker only after every point it produced is wr
 writer calls back in order). A payload that cannot be accepted is counted, logged with its reason,
 published (truncated) to the dead-letter topic, and acknowledged in order so it is not redelivered
 forever.
+
+Device checks cost one dict lookup per message: a registered device's events are checked against
+its type; an unregistered one meets the unknown-device policy (accept, reject or quarantine).
+Status messages (`devices/{id}/status`, birth and last will) go through `on_status`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from devices.dedupe import SeqTracker
 from devices.errors import PayloadError
 from devices.event import TelemetryEvent
 from devices.payload import PayloadDecoder
+from devices.registry import DeviceRegistry, UnknownDevicePolicy
+from devices.status import DeviceTracker, decode_status
 from devices.topic import TopicScheme
 from gateway.commands import CommandDispatcher
 from gateway.deadletter import DeadLetterFile
-from gateway.records import alert_point, telemetry_point
+from gateway.records import alert_point, device_status_point, quarantine_point, telemetry_point
 from gateway.store.base import Point
 from rules.action import Action, RecordAlert
 from rules.engine import RuleEngine
@@ -80,6 +86,8 @@ class IngestStats:
     duplicates: int = 0  # events seen before (same device and seq): stored again, not re-evaluated
     dead_letter_failures: int = 0
     backpressure_pauses: int = 0
+    quarantined: int = 0  # messages from unregistered devices stored apart (policy quarantine)
+    status_changes: int = 0  # device online/offline changes recorded
 
 
 class TelemetryIngest:
@@ -98,6 +106,9 @@ class TelemetryIngest:
         dead_letter_max_bytes: int,
         clock: Callable[[], float],
         dead_letter_file: DeadLetterFile | None = None,
+        registry: DeviceRegistry | None = None,
+        unknown_devices: UnknownDevicePolicy = "accept",
+        status_topics: TopicScheme | None = None,
     ) -> None:
         self._topics = topics
         self._decoder = decoder
@@ -113,6 +124,17 @@ class TelemetryIngest:
         self.stats = IngestStats()
         self._seqs = SeqTracker()
         self.latest: dict[str, TelemetryEvent] = {}  # last event per device, for status views
+        self.registry = registry if registry is not None else DeviceRegistry.empty()
+        self._validators = self.registry.validators
+        self._unknown = unknown_devices
+        self._status_topics = status_topics
+        self.tracker = DeviceTracker()
+        self.quarantined: set[str] = set()  # unregistered devices whose telemetry was quarantined
+
+    @property
+    def seqs(self) -> SeqTracker:
+        """The (device, seq) pairs already evaluated; checkpointed with the rule state."""
+        return self._seqs
 
     def on_message(self, message: Message) -> None:
         """Handle one telemetry message (called by paho on the event loop thread)."""
@@ -124,7 +146,17 @@ class TelemetryIngest:
         try:
             if device_id is None:
                 raise PayloadError(f"topic {topic[:120]!r} does not match {self._topics.template!r}")
+            self.tracker.seen(device_id, now)
             events = self._decoder.decode(device_id, message.payload, now)
+            validator = self._validators.get(device_id)
+            if validator is not None:
+                for event in events:
+                    validator.check(event)
+            elif self._unknown != "accept":
+                if self._unknown == "reject":
+                    raise PayloadError(f"device {device_id!r} is not in the registry", device_id=device_id)
+                self._quarantine(message, device_id, events)
+                return
         except PayloadError as exc:
             self._reject(message, topic, device_id, exc.reason, now)
             return
@@ -142,6 +174,44 @@ class TelemetryIngest:
         self._sink.add(points, self._ack_after_write(message.mid, message.qos, len(events)))
         if self._sink.is_full:
             self._pause()
+
+    def _quarantine(self, message: Message, device_id: str, events: list[TelemetryEvent]) -> None:
+        # Stored apart and kept from the rules: an unregistered device must not raise alarms or
+        # trigger commands, but an operator can look at what it sent before registering it.
+        self.stats.quarantined += 1
+        if device_id not in self.quarantined:
+            self.quarantined.add(device_id)
+            log.warning(
+                "quarantining telemetry of unregistered device %s", device_id, extra={"device_id": device_id}
+            )
+        points = [quarantine_point(event) for event in events]
+        self._sink.add(points, self._ack_after_write(message.mid, message.qos, 0))
+        if self._sink.is_full:
+            self._pause()
+
+    def on_status(self, message: Message) -> None:
+        """Handle one device status message (birth, last will or clean offline)."""
+        now = self._clock()
+        topic = message.topic
+        device_id = self._status_topics.device_id(topic) if self._status_topics is not None else None
+        try:
+            if device_id is None:
+                raise PayloadError(f"topic {topic[:120]!r} is not a device status topic")
+            if not message.payload:  # an empty retained message is how a retained status is cleared
+                generation = self._mqtt.generation
+                self._sink.add([], lambda: self._mqtt.ack(message.mid, message.qos, generation))
+                return
+            status, device_ts = decode_status(device_id, message.payload)
+        except PayloadError as exc:
+            self._reject(message, topic, device_id, exc.reason, now)
+            return
+        points: list[Point] = []
+        if self.tracker.set_status(device_id, status, now):
+            self.stats.status_changes += 1
+            log.info("device %s is %s", device_id, status, extra={"device_id": device_id})
+            points.append(device_status_point(device_id, status, now, device_ts))
+        generation = self._mqtt.generation
+        self._sink.add(points, lambda: self._mqtt.ack(message.mid, message.qos, generation))
 
     def execute(self, actions: Sequence[Action], points: list[Point]) -> None:
         """Carry out rule actions: commands are sent now, alert records are appended to `points`."""

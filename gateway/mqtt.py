@@ -109,6 +109,8 @@ class MqttConnection:
         self._sock_fd: int | None = None
         self._paused = False
         self._last_inbound = 0.0
+        self._link_up = False  # CONNACK received and not yet disconnected (acks may flow)
+        self._subscribe_mid: int | None = None
         self._unconfirmed: deque[paho.MQTTMessageInfo] = deque()
         self._had_session = False
         self._disconnected_at: float | None = None
@@ -128,6 +130,7 @@ class MqttConnection:
         client.max_queued_messages_set(MAX_OUTGOING_QUEUE)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -183,11 +186,11 @@ class MqttConnection:
         wait (bounded) for those first rather than lose commands at shutdown.
         """
         self._closing = True
-        if self.connected.is_set():
+        if self._link_up:
             try:
                 async with asyncio.timeout(flush_timeout):
                     # paho signals completion per message id only; a short poll is simpler than tracking them
-                    while self.unconfirmed_publishes and self.connected.is_set():  # noqa: ASYNC110
+                    while self.unconfirmed_publishes and self._link_up:  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
             except TimeoutError:
                 log.warning(
@@ -222,7 +225,7 @@ class MqttConnection:
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """PUBACK a message if it arrived on the current connection (else the broker redelivers it)."""
-        if qos and generation == self.generation and self.connected.is_set():
+        if qos and generation == self.generation and self._link_up:
             self._client.ack(mid, qos)
 
     def pause_reading(self) -> None:
@@ -340,19 +343,31 @@ class MqttConnection:
         self._had_session = True
         log.info("connected to %s:%s (session present: %s)", self.host, self.port, session_present)
         # Subscribe every time: harmless when the session kept them, required when it did not.
-        result, _ = client.subscribe([(s.topic_filter, s.qos) for s in self._subscriptions])
+        self._link_up = True
+        result, self._subscribe_mid = client.subscribe([(s.topic_filter, s.qos) for s in self._subscriptions])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("subscribe failed: %s", paho.error_string(result))
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        for sub, reason in zip(self._subscriptions, reasons, strict=False):
+            if reason.is_failure:
+                self.stats.last_error = f"broker refused the subscription to {sub.topic_filter!r}: {reason}"
+                log.error("%s (client id %s)", self.stats.last_error, self.client_id)
+        # `connected` means subscribed: messages published from now on reach us even without a session
         self.connected.set()
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
     ) -> None:
-        was_connected = self.connected.is_set()
+        was_connected = self._link_up
+        self._link_up = False
         self.connected.clear()
         if was_connected:
             self._disconnected_at = time.time()
-        if was_connected:
             self.stats.disconnects += 1
             if not self._closing:
                 self.stats.last_error = f"connection lost: {reason}"
@@ -371,7 +386,7 @@ class MqttConnection:
             # a silent partition would take ~2x keepalive to notice. A healthy link brings a PINGRESP
             # within keepalive + MISC_INTERVAL; past 1.5x keepalive of silence the link is dead.
             silent = self._loop.time() - self._last_inbound
-            if self.connected.is_set() and not self._paused and silent > 1.5 * self._keepalive:
+            if self._link_up and not self._paused and silent > 1.5 * self._keepalive:
                 log.warning("nothing from the broker for %.1fs: dropping the connection", silent)
                 if self._sock_fd is not None:
                     # paho then reads end-of-stream and runs its usual disconnect path

@@ -7,6 +7,11 @@
 | commands    | device, name, status, rule             | id, params (JSON text), detail (string), latency_ms   |
 
 | gateway_events | kind, client_id                        | since, until (epoch seconds), detail                  |
+| device_status  | device, status                         | device_ts (the device's own ts, when it sent one)      |
+| quarantine     | device                                 | like telemetry: payloads of unregistered devices       |
+
+A `device_status` point is timed when the gateway received the status message: a last will is
+composed at connect time, so the `ts` inside it says when the device connected, not when it went away.
 
 `state` is `raised`, `cleared` or `acknowledged`; command `status` is `sent`, `ok`, `error`, `timed_out` or `rejected`.
 """
@@ -24,6 +29,8 @@ TELEMETRY = "telemetry"
 ALERTS = "alerts"
 COMMANDS = "commands"
 GATEWAY_EVENTS = "gateway_events"
+DEVICE_STATUS = "device_status"
+QUARANTINE = "quarantine"
 
 
 def telemetry_point(event: TelemetryEvent) -> Point:
@@ -38,6 +45,18 @@ def telemetry_point(event: TelemetryEvent) -> Point:
     if event.seq is not None:
         fields["seq"] = event.seq
     return Point(TELEMETRY, (("device", event.device_id),), fields, event.ts)
+
+
+def quarantine_point(event: TelemetryEvent) -> Point:
+    """Build the point that keeps an unregistered device's event apart from telemetry."""
+    point = telemetry_point(event)
+    return Point(QUARANTINE, point.tags, point.fields, point.ts)
+
+
+def device_status_point(device_id: str, status: str, received_at: float, device_ts: float | None) -> Point:
+    """Record a change of a device's online status."""
+    fields: dict[str, FieldValue] = {"device_ts": device_ts if device_ts is not None else received_at}
+    return Point(DEVICE_STATUS, (("device", device_id), ("status", status)), fields, received_at)
 
 
 def alert_point(alert: RecordAlert) -> Point:

@@ -1,6 +1,7 @@
 """The pure rule engine: rule files in, events and the current time in, actions out."""
 
 from rules.action import Action, AlertState, RecordAlert, SendCommand, Severity
+from rules.checkpoint import CheckpointError
 from rules.duration import format_duration, parse_duration
 from rules.engine import AlarmStatus, RuleEngine
 from rules.expression import EVALUATION_ERRORS, Expression, ExpressionError, compile_expression
@@ -14,6 +15,7 @@ __all__ = [
     "AlarmStatus",
     "AlertState",
     "CaseResult",
+    "CheckpointError",
     "CommandSpec",
     "Expression",
     "ExpressionError",

@@ -24,6 +24,17 @@ record in the store keeps a matching `cleared` one. Only the alert is recorded: 
 are not sent, because no condition cleared the alarm. A changed rule raises again, fresh, as soon
 as its new condition holds. Absence rules that are new or changed count each device's silence from
 the reload.
+
+Restart (`checkpoint` / `restore`, format in `rules.checkpoint`): the same policy as a reload, with
+the rule definitions compared by fingerprint. A rule whose definition is unchanged gets back its
+windows, `for` and N-of-M progress, postponements, cooldowns, absence timers (including registry
+devices never heard from) and raised alarms; the state of a changed or vanished rule is dropped and
+its raised alarms are closed with "rule changed" / "rule removed" alerts stamped with the restore
+time. Timers keep their due times on the gateway clock: one that came due while the gateway was
+down fires on the first `advance` after `restore`, and its alert is stamped as it would have been
+had the gateway kept running (a `for` period with its end, an absence with the time the silence
+reached its limit). Events processed before that first `advance` (messages the broker held while
+the gateway was down) count first: a device heard from by then does not raise its absence alarm.
 """
 
 from __future__ import annotations
@@ -34,10 +45,21 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from devices.event import FieldValue, TelemetryEvent
 from rules.action import Action, AlertState, RecordAlert, SendCommand, Severity
+from rules.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    as_fields,
+    as_float,
+    as_str,
+    check_header,
+    rule_fingerprint,
+    times,
+)
 from rules.expression import EVALUATION_ERRORS, Expression, Extractor, Predicate, WindowSpec
 from rules.model import DEFAULT_LATENESS, CommandSpec, NOfM, Rule, RuleSet
 from rules.window import CountWindow, SlidingWindow, TimeWindow, needs_of
@@ -169,6 +191,7 @@ class _CompiledRule:
         "clear_fields",
         "clear_slots",
         "extractors",
+        "fingerprint",
         "hold",
         "kind",
         "lateness",
@@ -189,6 +212,7 @@ class _CompiledRule:
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
+        self.fingerprint = rule_fingerprint(rule)
         self.matches = _device_matcher(rule.devices)
         self.alarms: dict[str, _Alarm] = {}
         self.lateness = rule.lateness if rule.lateness is not None else DEFAULT_LATENESS
@@ -446,6 +470,83 @@ class _CompiledRule:
                     values[use.source] = result
         return values
 
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Return this rule's alarms and per-device state as plain data (timers are the engine's)."""
+        rule = self.rule
+        return {
+            "fingerprint": self.fingerprint,
+            "alerts": "alert" in rule.on_raise,
+            "severity": rule.severity,
+            "alarms": {
+                device_id: {"since": alarm.since, "values": dict(alarm.values)}
+                for device_id, alarm in self.alarms.items()
+            },
+            "changed": dict(self.changed),
+            "postponed": {
+                device_id: {"raise": p.raise_, "values": dict(p.values), "fields": dict(p.fields)}
+                for device_id, p in self.postponed.items()
+            },
+            "sent": [[device_id, raise_, index, t] for (device_id, raise_, index), t in self.sent.items()],
+            "armed": sorted(self.armed),
+            "silent_from": None if self.silent_from == float("-inf") else self.silent_from,
+            "states": {
+                device_id: {
+                    "holding": state.holding,
+                    "hold_due": state.hold_due,
+                    "held_fields": dict(state.held_fields),
+                    "history": state.history,
+                    "windows": [window.export_state() for window in state.windows],
+                }
+                for device_id, state in self.states.items()
+            },
+        }
+
+    def import_state(self, data: Mapping[str, Any]) -> None:
+        """Load what `export_state` returned into this fresh copy of the same rule.
+
+        Raises:
+            KeyError, TypeError, ValueError: the data is not such a state.
+        """
+        self.alarms = {
+            as_str(device_id): _Alarm(as_float(alarm["since"]), as_fields(alarm["values"]))
+            for device_id, alarm in data["alarms"].items()
+        }
+        self.changed = times(data["changed"])
+        self.postponed = {
+            as_str(device_id): _Postponed(bool(p["raise"]), as_fields(p["values"]), as_fields(p["fields"]))
+            for device_id, p in data["postponed"].items()
+        }
+        sent: dict[tuple[str, bool, int], float] = {}
+        for device_id, raise_, index, t in data["sent"]:
+            if not isinstance(index, int):
+                raise TypeError(f"expected a step index, got {index!r}")
+            sent[(as_str(device_id), bool(raise_), index)] = as_float(t)
+        self.sent = sent
+        self.armed = {as_str(device_id) for device_id in data["armed"]}
+        silent_from = data["silent_from"]
+        self.silent_from = float("-inf") if silent_from is None else as_float(silent_from)
+        states: dict[str, _DeviceState] = {}
+        for device_id, saved in data["states"].items():
+            windows = [_new_window(spec) for spec in self.specs]
+            saved_windows = saved["windows"]
+            if len(saved_windows) != len(windows):
+                raise ValueError(f"expected {len(windows)} windows, got {len(saved_windows)}")
+            for window, window_data in zip(windows, saved_windows, strict=True):
+                window.restore_state(window_data)
+            state = _DeviceState(windows, self.when_slots, self.clear_slots)
+            holding = saved["holding"]
+            state.holding = None if holding is None else as_float(holding)
+            state.hold_due = as_float(saved["hold_due"])
+            state.held_fields = as_fields(saved["held_fields"])
+            history = saved["history"]
+            if not isinstance(history, int) or history < 0:
+                raise TypeError(f"expected N-of-M history bits, got {history!r}")
+            state.history = history
+            states[as_str(device_id)] = state
+        self.states = states
+
 
 def _device_matcher(patterns: Sequence[str] | None) -> Callable[[str], bool]:
     if patterns is None:
@@ -609,15 +710,7 @@ class RuleEngine:
         if self._start is not None:
             # Before the first event or tick, `_begin` arms every absence rule; after it, new ones
             # cover the devices heard from so far and the registry's.
-            devices = dict.fromkeys((*self._known, *self._newest, *self._seen))
-            for compiled in fresh:
-                if compiled.kind != _ABSENT:
-                    continue
-                assert compiled.absent is not None
-                for device_id in devices:
-                    if compiled.matches(device_id):
-                        compiled.armed.add(device_id)
-                        self.schedule(now + compiled.absent, _SILENT, compiled, device_id)
+            self._arm_fresh(fresh, now)
         return RuleReload(tuple(unchanged), tuple(changed), tuple(added), tuple(old), actions)
 
     def active_alarms(self) -> list[AlarmStatus]:
@@ -639,6 +732,119 @@ class RuleEngine:
             return seen
         assert self._start is not None
         return self._start
+
+    def _arm_fresh(self, fresh: Iterable[_CompiledRule], now: float) -> None:
+        devices = dict.fromkeys((*self._known, *self._newest, *self._seen))
+        for compiled in fresh:
+            if compiled.kind != _ABSENT:
+                continue
+            assert compiled.absent is not None
+            for device_id in devices:
+                if compiled.matches(device_id):
+                    compiled.armed.add(device_id)
+                    self.schedule(now + compiled.absent, _SILENT, compiled, device_id)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Return the engine's state as plain JSON-able data, for `restore` after a restart.
+
+        The data shares nothing mutable with the engine, so it can be serialised in another thread
+        while the engine runs on. Counters (`events`, `late_events`, ...) are not part of it.
+        """
+        ordered = sorted(self._timers, key=lambda timer: (timer[0], timer[1]))
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "engine": {
+                "start": self._start,
+                "newest": dict(self._newest),
+                "seen": dict(self._seen),
+                "timers": [
+                    [due, kind, compiled.rule.id, device_id] for due, _, kind, compiled, device_id in ordered
+                ],
+            },
+            "rules": {compiled.rule.id: compiled.export_state() for compiled in self._rules},
+        }
+
+    def restore(self, data: object, now: float) -> list[Action]:
+        """Take back the state `checkpoint` returned, on a fresh engine, before its first event or tick.
+
+        Rules whose definition is unchanged get their state back; changed and vanished rules are
+        treated as by `replace_rules` at `now` (see the module docstring). Timers that came due
+        while the engine was stopped fire on the first `advance`, stamped with their own due time.
+
+        Returns the `cleared` alerts that close the alarms of changed and vanished rules.
+
+        Raises:
+            CheckpointError: the data is corrupt or of another format or version; the engine is
+                left as it was.
+        """
+        if self._start is not None:
+            raise RuntimeError("restore() must come before the engine's first event or tick")
+        try:
+            return self._restore(data, now)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"corrupt checkpoint ({type(exc).__name__}: {exc})") from exc
+
+    def _restore(self, data: object, now: float) -> list[Action]:
+        saved_rules = check_header(data)
+        assert isinstance(data, Mapping)
+        saved_engine = data["engine"]
+        start = saved_engine["start"]
+        current = {compiled.rule.id: compiled for compiled in self._rules}
+        restored: dict[str, _CompiledRule] = {}
+        actions: list[Action] = []
+        for rule_id, saved in saved_rules.items():
+            compiled = current.get(rule_id)
+            if compiled is not None and saved["fingerprint"] == compiled.fingerprint:
+                fresh = _CompiledRule(compiled.rule)
+                fresh.import_state(saved)
+                restored[rule_id] = fresh
+                continue
+            message = RULE_REMOVED_MESSAGE if compiled is None else RULE_CHANGED_MESSAGE
+            severity = saved["severity"]
+            if severity not in ("info", "warning", "critical"):
+                raise ValueError(f"rule {rule_id!r}: severity {severity!r}")
+            if saved["alerts"] is True:
+                for device_id in sorted(saved["alarms"]):
+                    actions.append(
+                        RecordAlert(as_str(rule_id), as_str(device_id), "cleared", severity, now, message, {})
+                    )
+        timers: list[tuple[float, int, _CompiledRule, str]] = []
+        for due, kind, rule_id, device_id in saved_engine["timers"]:
+            if kind not in (_HOLD_DONE, _SILENT, _POSTPONED):
+                raise ValueError(f"timer kind {kind!r}")
+            timer_rule = restored.get(rule_id)
+            if timer_rule is not None:
+                timers.append((as_float(due), kind, timer_rule, as_str(device_id)))
+        newest, seen = times(saved_engine["newest"]), times(saved_engine["seen"])
+        # Decoded without error: from here on nothing can fail halfway.
+        fresh_rules: list[_CompiledRule] = []
+        compiled_rules: list[_CompiledRule] = []
+        for compiled in self._rules:
+            kept = restored.get(compiled.rule.id)
+            if kept is None:
+                compiled.silent_from = now
+                fresh_rules.append(compiled)
+                kept = compiled
+            compiled_rules.append(kept)
+        self._rules = tuple(compiled_rules)
+        self._absence = tuple(compiled for compiled in self._rules if compiled.kind == _ABSENT)
+        self._plans.clear()
+        self._newest, self._seen = newest, seen
+        self._timers = []
+        for due, kind, compiled, device_id in timers:
+            self.schedule(due, kind, compiled, device_id)
+        if start is None:
+            return actions  # the saved engine had not started: `_begin` arms the absence rules
+        self._start = as_float(start)
+        self._arm_fresh(fresh_rules, now)
+        # Registry devices the saved engine did not cover yet (the registry may have grown).
+        self.add_known_devices(self._known, now)
+        return actions
 
     def _begin(self, now: float) -> None:
         self._start = now

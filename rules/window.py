@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left, insort
-from collections.abc import Collection
-from typing import Final
+from collections.abc import Collection, Mapping
+from typing import Any, Final
 
 # 20 sub-buckets keep an avg window at ~0.5 KB (two arrays of 20 doubles plus the object), so three
 # windowed rules fit the 2 KB-per-device budget of issue 3; 60 would triple that. The cost is
@@ -84,6 +84,35 @@ def _stddev(count: float, total: float, total_sq: float) -> float | None:
     # Clamp: subtracting two nearly equal sums can leave a tiny negative variance.
     variance = max((total_sq - total * total / count) / (count - 1), 0.0)
     return math.sqrt(variance)
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _ints(values: Any, length: int) -> list[int]:
+    result = [_int(v) for v in values]
+    if len(result) != length:
+        raise ValueError(f"expected {length} numbers, got {len(result)}")
+    return result
+
+
+def _listed(values: array[float] | None) -> list[float] | None:
+    return None if values is None else values.tolist()
+
+
+def _restored(current: array[float] | None, data: Any) -> array[float] | None:
+    """Return `data` as an array shaped like `current`; None must match None (the same functions)."""
+    if (data is None) != (current is None):
+        raise ValueError("window state with other functions")
+    if current is None:
+        return None
+    restored = array("d", [float(v) for v in data])
+    if len(restored) != len(current):
+        raise ValueError(f"expected {len(current)} numbers, got {len(restored)}")
+    return restored
 
 
 class TimeWindow:
@@ -268,6 +297,66 @@ class TimeWindow:
             self._samples = []
             self._sorted = []
 
+    def export_state(self) -> dict[str, object]:
+        """Return the window's contents as plain JSON-able data (see `restore_state`)."""
+        return {
+            "kind": "time",
+            "width": self.width,
+            "head": self._head,
+            "moves": self._moves,
+            "count": self._count,
+            "counts": self._counts.tolist(),
+            "sum": self._sum,
+            "sq": self._sq,
+            "sums": _listed(self._sums),
+            "sqs": _listed(self._sqs),
+            "min": self._min,
+            "max": self._max,
+            "minmax_stale": self._minmax_stale,
+            "mins": _listed(self._mins),
+            "maxs": _listed(self._maxs),
+            "first_ts": _listed(self._first_ts),
+            "first_v": _listed(self._first_v),
+            "last_ts": _listed(self._last_ts),
+            "last_v": _listed(self._last_v),
+            "samples": None if self._samples is None else [[k, v] for k, v in self._samples],
+        }
+
+    def restore_state(self, data: Mapping[str, Any]) -> None:
+        """Load what `export_state` returned, into a window built with the same size and functions.
+
+        Raises:
+            ValueError, TypeError, KeyError: the data does not fit this window.
+        """
+        if data["kind"] != "time" or float(data["width"]) != self.width:
+            raise ValueError("time window state of another shape")
+        head = data["head"]
+        self._head = None if head is None else _int(head)
+        self._moves = _int(data["moves"])
+        self._count = _int(data["count"])
+        self._counts = array("q", _ints(data["counts"], TIME_BUCKETS))
+        self._sum = float(data["sum"])
+        self._sq = float(data["sq"])
+        self._sums = _restored(self._sums, data["sums"])
+        self._sqs = _restored(self._sqs, data["sqs"])
+        self._min, self._max = float(data["min"]), float(data["max"])
+        self._minmax_stale = bool(data["minmax_stale"])
+        self._mins = _restored(self._mins, data["mins"])
+        self._maxs = _restored(self._maxs, data["maxs"])
+        self._first_ts = _restored(self._first_ts, data["first_ts"])
+        self._first_v = _restored(self._first_v, data["first_v"])
+        self._last_ts = _restored(self._last_ts, data["last_ts"])
+        self._last_v = _restored(self._last_v, data["last_v"])
+        samples = data["samples"]
+        if (samples is None) != (self._samples is None):
+            raise ValueError("time window state with other functions")
+        if samples is not None:
+            pairs = [(_int(k), float(v)) for k, v in samples]
+            if len(pairs) > MAX_SAMPLES:
+                raise ValueError("too many samples")
+            self._samples = pairs
+            self._sorted = sorted(v for _, v in pairs)
+
     def _oldest_bucket(self) -> int | None:
         head = self._head
         if self._count == 0 or head is None:
@@ -419,6 +508,46 @@ class CountWindow:
             held = self._values if self._filled == self.size else self._values[: self._filled]
             self._sum = math.fsum(held)
             self._sq = math.fsum(v * v for v in held)
+
+    def export_state(self) -> dict[str, object]:
+        """Return the window's contents as plain JSON-able data (see `restore_state`)."""
+        return {
+            "kind": "count",
+            "size": self.size,
+            "values": self._values.tolist(),
+            "ts": _listed(self._ts),
+            "filled": self._filled,
+            "pos": self._pos,
+            "writes": self._writes,
+            "sum": self._sum,
+            "sq": self._sq,
+            "min": self._min,
+            "max": self._max,
+            "minmax_stale": self._minmax_stale,
+        }
+
+    def restore_state(self, data: Mapping[str, Any]) -> None:
+        """Load what `export_state` returned, into a window built with the same size and functions.
+
+        Raises:
+            ValueError, TypeError, KeyError: the data does not fit this window.
+        """
+        if data["kind"] != "count" or _int(data["size"]) != self.size:
+            raise ValueError("count window state of another shape")
+        values = _restored(self._values, data["values"])
+        assert values is not None
+        self._values = values
+        self._ts = _restored(self._ts, data["ts"])
+        filled, pos = _int(data["filled"]), _int(data["pos"])
+        if not 0 <= filled <= self.size or not 0 <= pos < self.size:
+            raise ValueError("count window position out of range")
+        self._filled, self._pos = filled, pos
+        self._writes = _int(data["writes"])
+        self._sum, self._sq = float(data["sum"]), float(data["sq"])
+        self._min, self._max = float(data["min"]), float(data["max"])
+        self._minmax_stale = bool(data["minmax_stale"])
+        if self._sorted is not None:
+            self._sorted = sorted(self._held())
 
     def _held(self) -> array[float]:
         return self._values if self._filled == self.size else self._values[: self._filled]

@@ -11,6 +11,9 @@ Wire protocol, per device (QoS 1; the `qos` argument can change it for tests):
     devices/{device_id}/commands/ack    device -> gateway (devices/command.py `CommandAck`)
         {"id", "status": "ok"|"error", "detail"?}, "id" being the command's.
         Unknown command names are acked with status "error" and a detail.
+    devices/{device_id}/status          device -> gateway, QoS 1, retained (devices/status.py)
+        {"status": "online", "ts": ...} right after each connect (birth); {"status": "offline", "ts": ...}
+        as the last will, and published before a clean disconnect.
 
 Each device has its own MQTT connection whose client id is the device id, with a persistent session
 (clean_session=False), so commands sent while it is briefly away are delivered when it is back.
@@ -45,6 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.command import Command
 from devices.errors import PayloadError
+from devices.status import encode_status
 from devices.topic import TopicScheme, is_valid_device_id
 from simulator.model import SimulatedDevice
 
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 TELEMETRY_TOPIC = TopicScheme("devices/{device_id}/telemetry")
 COMMAND_TOPIC = TopicScheme("devices/{device_id}/commands")
 ACK_TOPIC = TopicScheme("devices/{device_id}/commands/ack")
+STATUS_TOPIC = TopicScheme("devices/{device_id}/status")
 DEFAULT_PORT = 1883
 JITTER = 0.1  # each interval is 1/rate ± 10 %, so devices started together drift apart
 RECONNECT_FIRST_DELAY = 0.2
@@ -141,13 +146,14 @@ def _parse_broker_url(url: str) -> _BrokerAddress:
 class _DeviceLink:
     """One simulated device as its connection sees it: topics, model, and a reading awaiting PUBACK."""
 
-    __slots__ = ("ack_topic", "command_topic", "device", "pending", "telemetry_topic")
+    __slots__ = ("ack_topic", "command_topic", "device", "pending", "status_topic", "telemetry_topic")
 
     def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
         self.telemetry_topic = TELEMETRY_TOPIC.format(device.device_id)
         self.command_topic = COMMAND_TOPIC.format(device.device_id)
         self.ack_topic = ACK_TOPIC.format(device.device_id)
+        self.status_topic = STATUS_TOPIC.format(device.device_id)
         self.pending: bytes | None = None
 
 
@@ -213,11 +219,21 @@ class _Connection:
         connected_before = False
         while not self._stop.is_set():
             # The incoming queue stays unbounded: when full aiomqtt drops messages, and commands are few.
+            # MQTT has one last will per connection: it speaks for a device only while the connection
+            # carries one; a multiplexed connection would need a status topic of its own.
+            will = (
+                aiomqtt.Will(
+                    self._links[0].status_topic, encode_status("offline", time.time()), qos=1, retain=True
+                )
+                if len(self._links) == 1
+                else None
+            )
             client = aiomqtt.Client(
                 self._broker.host,
                 self._broker.port,
                 identifier=self.client_id,
                 clean_session=False,
+                will=will,
                 username=self._broker.username,
                 password=self._broker.password,
             )
@@ -256,11 +272,18 @@ class _Connection:
         refused = [code for code in reason_codes if _code_value(code) >= 0x80]  # 0x80+: failure (3.1.1 and 5)
         if refused:
             raise SimulatorError(f"broker refused the command subscription of {self.client_id}: {refused}")
+        for link in self._links:
+            await client.publish(link.status_topic, encode_status("online", time.time()), qos=1, retain=True)
         try:
             async with asyncio.TaskGroup() as group:
                 commands = group.create_task(self._answer_commands(client), name=f"commands:{self.client_id}")
                 await self._publish_telemetry(client)
                 commands.cancel()
+                # A clean stop says so itself: the broker drops the will on a normal DISCONNECT.
+                for link in self._links:
+                    await client.publish(
+                        link.status_topic, encode_status("offline", time.time()), qos=1, retain=True
+                    )
         except* aiomqtt.MqttError as lost:
             error = _first_leaf(lost)  # the reconnect loop handles a plain MqttError
             raise error from error.__cause__

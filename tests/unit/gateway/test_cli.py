@@ -54,6 +54,11 @@ HELP_CASES = [
         ["usage: tidegate alerts ack", "RULE", "DEVICE", "--url", "--config", "Exit 1"],
         id="alerts-ack",
     ),
+    pytest.param(
+        ["devices"],
+        ["usage: tidegate devices", "--url", "--config", "--json", "http.listen", "last seen", "alarms"],
+        id="devices",
+    ),
     pytest.param(["config"], ["usage: tidegate config", "check", "validate a config file"], id="config"),
     pytest.param(
         ["config", "check"],
@@ -391,3 +396,64 @@ def test_status_reads_a_running_endpoint(capsys: pytest.CaptureFixture[str]) -> 
 
     assert asyncio.run(scenario()) == 0
     assert json.loads(capsys.readouterr().out) == {"received": 7, "mqtt_connected": True}
+
+
+def test_devices_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+    import time
+
+    from gateway.httpapi import StatusServer
+
+    rows = [
+        {
+            "device": "gh-1",
+            "type": "greenhouse",
+            "registered": True,
+            "quarantined": False,
+            "tags": {"site": "north"},
+            "status": "online",
+            "status_since": time.time() - 30,
+            "last_seen": time.time() - 5,
+            "rate": 2.0,
+            "alarms": 1,
+        },
+        {
+            "device": "stray",
+            "type": None,
+            "registered": False,
+            "quarantined": True,
+            "tags": {},
+            "status": "unknown",
+            "status_since": None,
+            "last_seen": None,
+            "rate": 0.0,
+            "alarms": 0,
+        },
+    ]
+
+    async def scenario() -> tuple[int, int]:
+        server = StatusServer("127.0.0.1", 0, dict, devices=lambda: rows)
+        ready = asyncio.Event()
+        task = asyncio.create_task(server.run(ready))
+        await ready.wait()
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            table = await asyncio.to_thread(main, ["devices", "--url", url])
+            as_json = await asyncio.to_thread(main, ["devices", "--url", url, "--json"])
+            return table, as_json
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == (0, 0)
+    table, as_json = capsys.readouterr().out.split("\n2 device(s), 1 online\n")
+    lines = table.splitlines()
+    assert lines[0].split() == ["DEVICE", "TYPE", "STATUS", "LAST", "SEEN", "MSG/S", "ALARMS"]
+    assert lines[1].split() == ["gh-1", "greenhouse", "online", "5s", "ago", "2.00", "1"]
+    assert lines[2].split() == ["stray", "(quarantined)", "unknown", "never", "0.00", "0"]
+    assert json.loads(as_json) == rows
+
+
+def test_devices_without_an_endpoint_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices", "--url", "http://127.0.0.1:1"]) == 1
+    assert "error: cannot read http://127.0.0.1:1/devices" in capsys.readouterr().err

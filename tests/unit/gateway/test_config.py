@@ -98,3 +98,29 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
 def test_topic_templates_are_checked(tmp_path: Path) -> None:
     with pytest.raises(SourceFileError, match="exactly one whole segment"):
         load_settings(write(tmp_path, "mqtt:\n  topics:\n    telemetry: devices/telemetry\n"), environ={})
+
+
+def test_devices_file_resolves_next_to_the_config_and_the_example_registry_parses(tmp_path: Path) -> None:
+    from gateway.devicefile import read_device_file
+
+    config = tmp_path / "config.yaml"
+    config.write_text("devices:\n  file: devices.yaml\n  unknown: quarantine\n", encoding="utf-8")
+    settings = load_settings(config, environ={})
+    assert settings.devices.file == tmp_path / "devices.yaml"
+    assert settings.devices.unknown == "quarantine"
+    example = Path(__file__).parents[3] / "deploy" / "devices.example.yaml"
+    assert "sim-0001" in read_device_file(example).devices
+
+
+def test_unknown_device_policy_is_checked(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("devices:\n  unknown: ignore\n", encoding="utf-8")
+    with pytest.raises(SourceFileError, match=r"config.yaml:2:12: devices.unknown"):
+        load_settings(config, environ={})
+
+
+def test_an_unreadable_devices_file_is_a_located_error(tmp_path: Path) -> None:
+    from gateway.devicefile import read_device_file
+
+    with pytest.raises(SourceFileError, match=r"missing\.yaml: cannot read"):
+        read_device_file(tmp_path / "missing.yaml")

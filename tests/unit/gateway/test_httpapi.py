@@ -147,3 +147,28 @@ def test_reload_counters_are_exported() -> None:
     assert "tidegate_rule_reloads_total 2\n" in text
     assert "tidegate_rule_reload_failures_total 1\n" in text
     assert "# TYPE tidegate_rules_loaded gauge\ntidegate_rules_loaded 4\n" in text
+
+
+def test_devices_route_lists_devices_only_when_given() -> None:
+    rows = [{"device": "gh-1", "status": "online"}]
+
+    async def scenario() -> tuple[tuple[str, str], tuple[str, str]]:
+        with_devices = StatusServer("127.0.0.1", 0, dict, devices=lambda: rows)
+        without = StatusServer("127.0.0.1", 0, dict)
+        started, started_too = asyncio.Event(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(with_devices.run(started)),
+            asyncio.create_task(without.run(started_too)),
+        ]
+        await started.wait()
+        await started_too.wait()
+        listed = await get(with_devices.port, b"GET /devices HTTP/1.1\r\n\r\n")
+        missing = await get(without.port, b"GET /devices HTTP/1.1\r\n\r\n")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return listed, missing
+
+    listed, missing = asyncio.run(scenario())
+    assert listed[0] == "HTTP/1.1 200 OK" and json.loads(listed[1]) == rows
+    assert missing[0].startswith("HTTP/1.1 404")

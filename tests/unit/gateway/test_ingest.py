@@ -7,8 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from devices.command import Command
 from devices.payload import PayloadDecoder
+from devices.registry import UnknownDevicePolicy, parse_registry
 from devices.topic import TopicScheme
 from gateway.commands import CommandDispatcher
 from gateway.ingest import TelemetryIngest
@@ -202,3 +205,118 @@ def test_rejected_payload_is_on_disk_before_its_ack(tmp_path: Path) -> None:
     sink.flush()
     dead.close()
     assert synced[0] and mqtt.acks == [9]
+
+
+# -- device registry, unknown-device policy, status ---------------------------------------------------
+
+REGISTRY = """
+types:
+  greenhouse:
+    fields:
+      temperature: {type: number, unit: "°C", min: -40, max: 85}
+      fan: {type: bool}
+devices:
+  - {id: gh-1, type: greenhouse, tags: {site: north}}
+"""
+
+
+def make_registered(unknown: UnknownDevicePolicy) -> tuple[TelemetryIngest, FakeMqtt, FakeSink]:
+    ingest, mqtt, sink = make()
+    registered = TelemetryIngest(
+        topics=TopicScheme("devices/{device_id}/telemetry"),
+        decoder=PayloadDecoder(),
+        engine=RuleEngine(build_rule_set({"r.yaml": RULES})),
+        sink=sink,
+        commands=ingest._commands,
+        mqtt=mqtt,
+        dead_letter_topic="tidegate/dead-letter",
+        dead_letter_max_bytes=512,
+        clock=lambda: 1_764_000_000.0,
+        registry=parse_registry(REGISTRY, "devices.yaml"),
+        unknown_devices=unknown,
+        status_topics=TopicScheme("devices/{device_id}/status"),
+    )
+    return registered, mqtt, sink
+
+
+def dead_reasons(mqtt: FakeMqtt) -> list[str]:
+    return [json.loads(payload)["reason"] for _, payload in mqtt.published if _ == "tidegate/dead-letter"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        pytest.param({"temperature": 20.0, "fan": False}, None, id="valid"),
+        pytest.param(
+            {"temperature": 120.0}, "field 'temperature': 120.0 is outside the allowed range", id="range"
+        ),
+        pytest.param({"fan": "on"}, "field 'fan': expected a bool, got string 'on'", id="type"),
+        pytest.param(
+            {"pressure": 1.0}, "field 'pressure': not a field of type 'greenhouse'", id="unknown-field"
+        ),
+    ],
+)
+def test_registered_devices_are_validated_against_their_type(
+    fields: dict[str, object], reason: str | None
+) -> None:
+    ingest, mqtt, sink = make_registered("accept")
+    ingest.on_message(telemetry(1, "gh-1", **fields))
+    sink.flush()
+    assert mqtt.acks == [1]  # rejected or not, the message is acked in order
+    if reason is None:
+        assert [p.measurement for p in sink.points] == ["telemetry"] and dead_reasons(mqtt) == []
+    else:
+        assert sink.points == [] and ingest.stats.rejected == 1
+        assert len(dead_reasons(mqtt)) == 1 and reason in dead_reasons(mqtt)[0]
+
+
+@pytest.mark.parametrize(
+    ("policy", "measurements", "rejected", "quarantined"),
+    [
+        pytest.param("accept", ["alerts", "commands", "telemetry"], 0, set(), id="accept"),
+        pytest.param("reject", [], 1, set(), id="reject"),
+        pytest.param("quarantine", ["quarantine"], 0, {"stray"}, id="quarantine"),
+    ],
+)
+def test_unknown_device_policy(
+    policy: UnknownDevicePolicy, measurements: list[str], rejected: int, quarantined: set[str]
+) -> None:
+    ingest, mqtt, sink = make_registered(policy)
+    ingest.on_message(telemetry(1, "stray", seq=1, temperature=35.0))  # hot: the rule would raise
+    sink.flush()
+    assert sorted(p.measurement for p in sink.points) == measurements
+    assert ingest.stats.rejected == rejected and mqtt.acks == [1]
+    assert ingest.quarantined == quarantined
+    if policy == "reject":
+        assert dead_reasons(mqtt) == ["device 'stray' is not in the registry"]
+    if policy == "quarantine":
+        assert sink.points[0].fields == {"temperature": 35.0, "seq": 1}
+        assert ingest.stats.alerts_raised == 0  # kept from the rules
+
+
+def test_status_changes_are_stored_once_and_bad_status_is_dead_lettered() -> None:
+    ingest, mqtt, sink = make_registered("accept")
+    status = "devices/gh-1/status"
+    ingest.on_status(Msg(status, b'{"status": "online", "ts": 1764000000}', 1))
+    ingest.on_status(Msg(status, b'{"status": "online", "ts": 1764000000}', 2))
+    ingest.on_status(Msg(status, b'{"status": "offline", "ts": 1763999000}', 3))
+    ingest.on_status(Msg(status, b'{"status": "gone"}', 4))
+    ingest.on_status(Msg(status, b"", 5))  # a retained status being cleared: ignored
+    sink.flush()
+    assert mqtt.acks == [1, 2, 3, 4, 5]
+    assert [(p.measurement, dict(p.tags)["status"], p.fields["device_ts"]) for p in sink.points] == [
+        ("device_status", "online", 1_764_000_000.0),
+        ("device_status", "offline", 1_763_999_000.0),
+    ]
+    assert all(p.ts == 1_764_000_000.0 for p in sink.points)  # received time, not the will's stale ts
+    assert ingest.stats.status_changes == 2 and "gone" in dead_reasons(mqtt)[0]
+    view = ingest.tracker.view("gh-1", 1_764_000_000.0)
+    assert view.status == "offline" and view.last_seen == 1_764_000_000.0
+
+
+def test_telemetry_counts_as_seen_even_when_rejected() -> None:
+    ingest, _, _ = make_registered("reject")
+    ingest.on_message(telemetry(1, "stray", temperature=1.0))
+    ingest.on_message(telemetry(2, "gh-1", temperature=1.0))
+    assert sorted(ingest.tracker.device_ids()) == ["gh-1", "stray"]
+    assert ingest.tracker.view("gh-1", 1_764_000_000.0).rate == pytest.approx(1 / 60)

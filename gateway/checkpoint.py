@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from devices.dedupe import SeqTracker
+from gateway.durable import write_atomically
 from gateway.store.batcher import BatchWriter
 from rules.action import Action
 from rules.checkpoint import CheckpointError
@@ -40,32 +41,10 @@ STATE_VERSION: Final = 1
 CORRUPT_SUFFIX: Final = ".corrupt"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_state_file(path: Path, data: Mapping[str, Any]) -> int:
     """Write `data` as JSON to `path` atomically and durably; return the size in bytes."""
     encoded = json.dumps(data, separators=(",", ":")).encode()
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        try:
-            view = memoryview(encoded)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomically(path, encoded)
     return len(encoded)
 
 

@@ -160,19 +160,26 @@ def _endpoint(args: argparse.Namespace) -> str | None:
     return f"http://{address[0]}:{address[1]}"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _get_from_gateway(args: argparse.Namespace, route: str) -> tuple[bool, Any]:
+    """GET `route` from the running gateway's endpoint; on failure print why and return (False, None)."""
     import httpx
 
     url = _endpoint(args)
     if url is None:
-        return 1
+        return False, None
     try:
-        response = httpx.get(f"{url.rstrip('/')}/status", timeout=5.0)
+        response = httpx.get(f"{url}{route}", timeout=5.0)
         response.raise_for_status()
     except httpx.HTTPError as exc:
-        print(f"error: cannot read {url}/status: {exc}", file=sys.stderr)
+        print(f"error: cannot read {url}{route}: {exc}", file=sys.stderr)
+        return False, None
+    return True, response.json()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ok, snapshot = _get_from_gateway(args, "/status")
+    if not ok:
         return 1
-    snapshot = response.json()
     if args.json:
         print(json.dumps(snapshot))
     else:
@@ -183,18 +190,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    import httpx
-
-    url = _endpoint(args)
-    if url is None:
+    ok, alarms = _get_from_gateway(args, "/alarms")
+    if not ok:
         return 1
-    try:
-        response = httpx.get(f"{url}/alarms", timeout=5.0)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        print(f"error: cannot read {url}/alarms: {exc}", file=sys.stderr)
-        return 1
-    alarms: list[dict[str, Any]] = response.json()
     if args.json:
         print(json.dumps(alarms))
         return 0
@@ -232,18 +230,9 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    import httpx
-
-    url = _endpoint(args)
-    if url is None:
+    ok, devices = _get_from_gateway(args, "/devices")
+    if not ok:
         return 1
-    try:
-        response = httpx.get(f"{url}/devices", timeout=5.0)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        print(f"error: cannot read {url}/devices: {exc}", file=sys.stderr)
-        return 1
-    devices: list[dict[str, Any]] = response.json()
     if args.json:
         print(json.dumps(devices))
         return 0

@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from gateway.durable import fsync_dir, write_atomically
 from gateway.store.base import Point
 
 __all__ = [
@@ -264,14 +265,6 @@ def decode_segment(data: bytes) -> list[Point]:
 
 def _segment_name(seq: int) -> str:
     return f"{seq:016d}.seg"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -541,7 +534,7 @@ class Spool:
                 continue
             entries.append(_Entry(seq, count, size))
         if temp_removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return entries, corrupt, temp_removed
 
     def _close_sync(self) -> None:
@@ -552,20 +545,7 @@ class Spool:
     def _write_sync(self, seq: int, data: bytes) -> None:
         final = self._path(seq)
         temp = final.with_name(final.name[: -len(".seg")] + _TEMP_SUFFIX)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp, final)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.directory)
+        write_atomically(final, data, temp=temp, exclusive=True)
 
     def _read_sync(self, seq: int) -> list[Point]:
         try:
@@ -585,8 +565,8 @@ class Spool:
                 suffix += 1
                 target = corrupt_dir / f"{source.name}.{suffix}"
             os.rename(source, target)
-            _fsync_dir(corrupt_dir)
-            _fsync_dir(self.directory)
+            fsync_dir(corrupt_dir)
+            fsync_dir(self.directory)
         except OSError as exc:
             logger.error("could not move corrupt spool segment %s aside: %s", source, exc)
             return None

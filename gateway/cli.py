@@ -211,11 +211,16 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         )
         for alarm in alarms
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-    for row in (header, *rows):
-        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]))
+    _print_table(header, rows)
     print(f"{len(alarms)} active alarm(s), {sum(bool(a['acknowledged']) for a in alarms)} acknowledged")
     return 0
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print aligned columns; the last column is left unpadded (it may be long)."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -252,9 +257,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         )
         for device in devices
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     online = sum(device["status"] == "online" for device in devices)
     print(f"{len(devices)} device(s), {online} online")
     return 0

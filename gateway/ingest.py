@@ -171,7 +171,10 @@ class TelemetryIngest:
             if actions:
                 self.execute(actions, points)
         stats.events += len(events)
-        self._sink.add(points, self._ack_after_write(message.mid, message.qos, len(events)))
+        self._hand_off(points, self._ack_after_write(message.mid, message.qos, len(events)))
+
+    def _hand_off(self, points: list[Point], on_written: Callable[[], None]) -> None:
+        self._sink.add(points, on_written)
         if self._sink.is_full:
             self._pause()
 
@@ -184,10 +187,9 @@ class TelemetryIngest:
             log.warning(
                 "quarantining telemetry of unregistered device %s", device_id, extra={"device_id": device_id}
             )
-        points = [quarantine_point(event) for event in events]
-        self._sink.add(points, self._ack_after_write(message.mid, message.qos, 0))
-        if self._sink.is_full:
-            self._pause()
+        self._hand_off(
+            [quarantine_point(event) for event in events], self._ack_after_write(message.mid, message.qos, 0)
+        )
 
     def on_status(self, message: Message) -> None:
         """Handle one device status message (birth, last will or clean offline)."""

@@ -56,7 +56,7 @@ class Collector:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:6]}")
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = lambda c, u, m: self.payloads.append(m.payload)
+        self.client.on_message = lambda c, u, m: self.payloads.append(bytes(m.payload))
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         assert self._subscribed.wait(5)

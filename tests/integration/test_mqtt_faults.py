@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -436,7 +437,10 @@ def test_m4_sigkill_at_random_moments_loses_nothing(
                 process = gateway_process(config, log_path)
                 try:
                     # connected: from here on it receives (a backlog first), writes and acks
-                    await until(lambda n=kill: connections_logged(log_path) == n + 1, f"run {kill} connected")
+                    await until(
+                        functools.partial(_logged_connections_are, log_path, kill + 1),
+                        f"run {kill} connected",
+                    )
                     await asyncio.sleep(rng.uniform(0.0, 1.0))
                 finally:
                     process.send_signal(signal.SIGKILL)
@@ -547,7 +551,7 @@ def test_m6_flapping_connection_leaks_nothing_and_does_not_duplicate_subscriptio
                 baseline = (len(asyncio.all_tasks()), open_fds())
                 for flap in range(1, flaps + 1):
                     assert await asyncio.to_thread(proxy.reset_connections) == 1
-                    await until(lambda n=flap: gateway.mqtt.stats.connects == n + 1, f"reconnect {flap}")
+                    await until(functools.partial(_connects_are, gateway, flap + 1), f"reconnect {flap}")
                 await asyncio.sleep(0.2)  # the last SUBACK
                 now = (len(asyncio.all_tasks()), open_fds())
                 if now != baseline:  # closed sockets and finished tasks may take a moment
@@ -719,3 +723,11 @@ def test_i1_malformed_payloads_are_acked_not_redelivered(
     first, second = asyncio.run(scenario())
     assert (first.ingest.stats.received, first.ingest.stats.rejected) == (len(bad) + 1, len(bad))
     assert (second.ingest.stats.received, second.ingest.stats.rejected) == (1, 0), "nothing redelivered"
+
+
+def _logged_connections_are(log_path: Path, count: int) -> bool:
+    return bool(connections_logged(log_path) == count)
+
+
+def _connects_are(gateway: Gateway, count: int) -> bool:
+    return gateway.mqtt.stats.connects == count

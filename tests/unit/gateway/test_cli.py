@@ -7,6 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -137,7 +138,7 @@ def test_help_exits_0_and_explains_the_command(
 
 def test_every_subcommand_has_a_help_case() -> None:
     # A new subcommand must come with a --help case above.
-    covered = {tuple(case.values[0]) for case in HELP_CASES}
+    covered: set[tuple[str, ...]] = {tuple(case.values[0]) for case in HELP_CASES}  # type: ignore[arg-type]
     leaves: set[tuple[str, ...]] = set()
 
     def walk(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
@@ -404,7 +405,7 @@ def test_devices_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) -> 
 
     from gateway.httpapi import StatusServer
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "device": "gh-1",
             "type": "greenhouse",

@@ -5,7 +5,7 @@ Every test drives a fake clock: `now` is passed in, and timers fire only from `a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
@@ -37,7 +37,7 @@ def summary(actions: Sequence[Action]) -> list[tuple[object, ...]]:
     return out
 
 
-Step = tuple[float, dict[str, FieldValue]] | tuple[float, str]
+Step = tuple[float, Mapping[str, FieldValue]] | tuple[float, str]
 
 
 def drive(

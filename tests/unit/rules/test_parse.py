@@ -37,6 +37,7 @@ def test_full_rule() -> None:
     assert rule.id == "greenhouse-overheat"
     assert rule.description == "Too hot; run the fan"
     assert rule.devices == ["greenhouse-*", "sim-*"]
+    assert rule.when is not None
     assert (rule.when.source, rule.clear_condition.source) == ("temperature > 30", "temperature < 26")
     assert rule.severity == "critical"
     assert rule.render_message({"temperature": 31.5}) == "temperature 31.5 above 30"

@@ -1,4 +1,4 @@
-"""Device online status: the birth / last-will protocol, plus last seen and message rate per device.
+"""Device online status: the birth / last-will protocol, plus last seen and message rate per device (over the last minute, in 10 s steps).
 
 A device publishes on `devices/{device_id}/status`, QoS 1, retained:
 
@@ -15,6 +15,7 @@ the will must be retained too, or the retained birth would claim the device onli
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,8 @@ from devices.payload import parse_timestamp
 
 Status = Literal["online", "offline"]
 RATE_WINDOW = 60  # seconds the message rate is averaged over
+RATE_STEP = 10  # ... in buckets this long: cheap enough to keep for 100,000 devices
+_BUCKETS = RATE_WINDOW // RATE_STEP
 MAX_STATUS_BYTES = 1_024
 
 
@@ -58,16 +61,20 @@ def decode_status(device_id: str, payload: bytes) -> tuple[Status, float | None]
 
 
 class _Seen:
-    """Last seen time and per-second message counts of the last minute, for one device."""
+    """Last seen time and message counts of the last minute in 10 s buckets, for one device.
 
-    __slots__ = ("counts", "last_seen", "seconds", "status", "status_since")
+    Arrays rather than lists: a list of bucket numbers would hold one int object per slot, and this
+    is kept for every device the gateway has heard from.
+    """
+
+    __slots__ = ("buckets", "counts", "last_seen", "status", "status_since")
 
     def __init__(self) -> None:
         self.last_seen: float | None = None
         self.status: Status | None = None
         self.status_since: float | None = None
-        self.counts = [0] * RATE_WINDOW
-        self.seconds = [-1] * RATE_WINDOW  # which second each slot of `counts` belongs to
+        self.counts = array("l", [0] * _BUCKETS)
+        self.buckets = array("q", [-1] * _BUCKETS)  # which 10 s bucket each slot of `counts` holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +100,10 @@ class DeviceTracker:
         if entry is None:
             entry = self._devices[device_id] = _Seen()
         entry.last_seen = now
-        second = int(now)
-        slot = second % RATE_WINDOW
-        if entry.seconds[slot] != second:
-            entry.seconds[slot] = second
+        bucket = int(now) // RATE_STEP
+        slot = bucket % _BUCKETS
+        if entry.buckets[slot] != bucket:
+            entry.buckets[slot] = bucket
             entry.counts[slot] = 1
         else:
             entry.counts[slot] += 1
@@ -116,8 +123,8 @@ class DeviceTracker:
         entry = self._devices.get(device_id)
         if entry is None:
             return DeviceView(device_id, "unknown", None, None, 0.0)
-        oldest = int(now) - RATE_WINDOW
-        count = sum(c for c, s in zip(entry.counts, entry.seconds, strict=True) if s > oldest)
+        oldest = int(now) // RATE_STEP - _BUCKETS
+        count = sum(c for c, b in zip(entry.counts, entry.buckets, strict=True) if b > oldest)
         return DeviceView(
             device_id, entry.status or "unknown", entry.status_since, entry.last_seen, count / RATE_WINDOW
         )

@@ -123,7 +123,10 @@ class TelemetryIngest:
         self._paused = asyncio.Event()
         self.stats = IngestStats()
         self._seqs = SeqTracker()
-        self.latest: dict[str, TelemetryEvent] = {}  # last event per device, for status views
+        # The last event of up to `latest_limit` devices, for live views (the demo). Off by default:
+        # a copy of every device's fields costs ~1 KB per device at fleet scale.
+        self.latest: dict[str, TelemetryEvent] = {}
+        self.latest_limit = 0
         self.registry = registry if registry is not None else DeviceRegistry.empty()
         self._validators = self.registry.validators
         self._unknown = unknown_devices
@@ -161,8 +164,10 @@ class TelemetryIngest:
             self._reject(message, topic, device_id, exc.reason, now)
             return
         points: list[Point] = []
+        keep_latest = self.latest_limit and (device_id in self.latest or len(self.latest) < self.latest_limit)
         for event in events:
-            self.latest[device_id] = event
+            if keep_latest:
+                self.latest[device_id] = event
             points.append(telemetry_point(event))  # a redelivery rewrites the same point: idempotent
             if event.seq is not None and not self._seqs.first_time(device_id, event.seq):
                 stats.duplicates += 1  # already evaluated: rules and commands fire once per message

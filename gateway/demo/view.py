@@ -21,6 +21,7 @@ class LiveView:
 
     def __init__(self, gateway: Gateway, started: float) -> None:
         self._gateway = gateway
+        gateway.ingest.latest_limit = MAX_ROWS  # ingest keeps the last event of this many devices for us
         self._started = started
         self._last_received = 0
         self._last_time = time.monotonic()

@@ -67,7 +67,7 @@ class BenchConfig:
     influx: bool = True
     qos0: bool = True
     cprofile: bool = False
-    windowed: bool = False
+    windowed: bool = True
     gc_freeze: bool = False
     batch_size: int = 5_000
     flush_interval: float = 1.0
@@ -488,7 +488,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cprofile", action="store_true", help="add a tidegate drain under cProfile (slower)"
     )
-    parser.add_argument("--windowed", action="store_true", help="make 3 of the 10 rules windowed")
+    parser.add_argument(
+        "--threshold-only",
+        dest="windowed",
+        action="store_false",
+        help="ten threshold rules instead of the issue's workload (7 threshold + 3 windowed)",
+    )
     parser.add_argument(
         "--gc-freeze", action="store_true", help="what-if: gc.freeze() in tidegate once it is connected"
     )
@@ -527,18 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark from the command line; exit 1 when a run failed outright."""
     args = parse_args(argv)
     config = config_from(args)
-    if config.windowed:
-        from bench.workload import rule_files
-        from rules import build_rule_set
-
-        try:
-            build_rule_set(rule_files(windowed=True))
-        except Exception as exc:
-            print(
-                f"--windowed: this tree's rule language cannot load the windowed rules: {exc}",
-                file=sys.stderr,
-            )
-            return 2
     results = run(config, args.out, log=lambda text: print(text, file=sys.stderr, flush=True))
     print(render(results))
     path = args.out / "latest.json"

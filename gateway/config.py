@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from devices.errors import Problem, SourceFileError
 from devices.topic import TopicScheme
@@ -42,14 +50,46 @@ class TopicSettings(_Section):
         return value
 
 
-class MqttSettings(_Section):
-    """How tidegate connects to the broker."""
+class TlsSettings(_Section):
+    """TLS to the broker, used when `mqtt.url` is `mqtts://` (and only then).
 
-    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT")
+    The broker's certificate is always verified: it must chain to `ca_file` (or, without one, to a
+    CA the system trusts) and be valid for `server_name` (default: the host in `mqtt.url`). There
+    is deliberately no switch to skip verification; to trust a self-signed broker certificate, name
+    it as `ca_file`. `cert_file` and `key_file` are tidegate's client certificate and private key
+    (PEM, key unencrypted) for brokers that require one (mutual TLS); `key_file` may be left out
+    when `cert_file` holds both.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = Field(None, min_length=1, max_length=253)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("cert_file") is None:
+            raise ValueError("key_file is set without cert_file: the client certificate goes in cert_file")
+        return value
+
+
+class MqttSettings(_Section):
+    """How tidegate connects to the broker.
+
+    `mqtts://HOST[:PORT]` (port 8883 by default) connects over TLS, configured by `tls`; plain
+    `mqtt://` (port 1883) with a `tls` section is refused rather than silently sent in clear. The
+    password comes from `password` (better: the environment, `TIDEGATE_MQTT__PASSWORD`) or from
+    `password_file`, read at start with surrounding whitespace stripped.
+    """
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     client_id: str = Field("tidegate", min_length=1, max_length=64)
     protocol: Literal["5", "3.1.1"] = "5"
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsSettings = TlsSettings()
     keepalive: int = Field(30, ge=5, le=3600)
     # MQTT 5: how long the broker keeps our session (and queued messages) while we are away.
     session_expiry: int = Field(86_400, ge=0)
@@ -64,10 +104,26 @@ class MqttSettings(_Section):
     @classmethod
     def _mqtt_url(cls, value: str) -> str:
         parts = urlsplit(value)
-        if parts.scheme != "mqtt" or not parts.hostname:
-            raise ValueError("expected mqtt://HOST[:PORT]")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("expected mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS")
         if parts.port is None and ":" in parts.netloc.rsplit("]", 1)[-1]:
             raise ValueError("invalid port")
+        return value
+
+    # Field validators rather than one model validator, so an error points at the key concerned.
+    @field_validator("password_file")
+    @classmethod
+    def _one_password(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("password") is not None:
+            raise ValueError("set either password or password_file, not both")
+        return value
+
+    @field_validator("tls")
+    @classmethod
+    def _tls_needs_mqtts(cls, value: TlsSettings, info: ValidationInfo) -> TlsSettings:
+        url = info.data.get("url")
+        if url is not None and urlsplit(url).scheme != "mqtts" and value != TlsSettings():
+            raise ValueError("set, but the url is mqtt:// (plain TCP): use mqtts://HOST[:PORT] for TLS")
         return value
 
     @property
@@ -77,8 +133,37 @@ class MqttSettings(_Section):
 
     @property
     def port(self) -> int:
-        """Broker port (1883 when the URL has none)."""
-        return urlsplit(self.url).port or 1883
+        """Broker port (1883 when the URL has none; 8883 for mqtts://)."""
+        return urlsplit(self.url).port or (8883 if self.tls_enabled else 1883)
+
+    @property
+    def tls_enabled(self) -> bool:
+        """True when the URL is `mqtts://`."""
+        return urlsplit(self.url).scheme == "mqtts"
+
+    def read_password(self) -> SecretStr | None:
+        """Return the password: `password`, or the stripped contents of `password_file` (read now).
+
+        Raises:
+            SourceFileError: the password file cannot be read, is not UTF-8 or is empty. The
+                message never quotes the file's contents.
+        """
+        if self.password_file is None:
+            return self.password
+        where = "mqtt.password_file"
+        try:
+            text = self.password_file.read_bytes().decode("utf-8")
+        except OSError as exc:
+            message = f"cannot read the password file: {exc.strerror}"
+            raise SourceFileError([Problem(str(self.password_file), None, None, where, message)]) from None
+        except UnicodeDecodeError:
+            message = "the password file is not UTF-8 text"
+            raise SourceFileError([Problem(str(self.password_file), None, None, where, message)]) from None
+        password = text.strip()
+        if not password:
+            message = "the password file is empty: expected the MQTT password"
+            raise SourceFileError([Problem(str(self.password_file), None, None, where, message)])
+        return SecretStr(password)
 
 
 class InfluxV1Settings(_Section):
@@ -155,10 +240,29 @@ class RulesSettings(_Section):
 
 
 class CommandSettings(_Section):
-    """Command delivery."""
+    """Command delivery (see devices/delivery.py for the lifecycle).
 
+    `ttl`: seconds a command may wait to be sent (device offline, broker disconnected, rate limit)
+    before it is `expired`; also its MQTT 5 Message Expiry and the `expires` in its body.
+    `ack_timeout`: seconds from the first publish to the ack before it is `timed_out`; within it the
+    same command (same id) is published again every `retry_interval`, `max_attempts` times in all.
+    `offline`: for a device whose last status is offline: `hold` (queue until its birth message, at
+    most `max_queued_per_device`), `send` (publish anyway; MQTT 5 expiry bounds it) or `reject`.
+    `rate`/`burst`: a token bucket per device; commands beyond it wait in the device's queue.
+    `token`: when set, `POST /commands` on the HTTP endpoint needs `Authorization: Bearer <token>`
+    (set it with TIDEGATE_COMMANDS__TOKEN); without it anyone who reaches `http.listen` may send.
+    """
+
+    ttl: float = Field(300.0, gt=0)
     ack_timeout: float = Field(30.0, gt=0)
+    retry_interval: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=100)
+    offline: Literal["hold", "send", "reject"] = "hold"
+    max_queued_per_device: int = Field(100, ge=1)
     max_pending: int = Field(10_000, ge=1)
+    rate: float = Field(1.0, gt=0)
+    burst: int = Field(5, ge=1)
+    token: SecretStr | None = None
 
 
 class SpoolSettings(_Section):
@@ -298,15 +402,66 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     if dead.enabled and (dead.file is None or not dead.file.is_absolute()):
         dead_file = base_dir / (Path("dead-letter.jsonl") if dead.file is None else dead.file)
         updates["dead_letter"] = dead.model_copy(update={"file": dead_file})
+    mqtt_paths: dict[str, Any] = {}
+    if settings.mqtt.password_file is not None and not settings.mqtt.password_file.is_absolute():
+        mqtt_paths["password_file"] = base_dir / settings.mqtt.password_file
+    tls = settings.mqtt.tls
+    tls_paths = {
+        name: base_dir / path
+        for name in ("ca_file", "cert_file", "key_file")
+        if (path := getattr(tls, name)) is not None and not path.is_absolute()
+    }
+    if tls_paths:
+        mqtt_paths["tls"] = tls.model_copy(update=tls_paths)
+    if mqtt_paths:
+        updates["mqtt"] = settings.mqtt.model_copy(update=mqtt_paths)
     return settings.model_copy(update=updates) if updates else settings
 
 
-def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+def _check_mqtt_files(
+    mqtt: MqttSettings, doc: LocatedDocument | None, overrides: Mapping[str, Any], file: str
+) -> None:
+    """Read the password file and load the TLS files now, so a bad one is reported at its key."""
+    from gateway.mqtt import TlsOptions, tls_context  # paho and ssl: only when there is TLS to check
+
+    problems: list[Problem] = []
+    try:
+        mqtt.read_password()
+    except SourceFileError as exc:
+        problems += exc.problems
+    if mqtt.tls_enabled:
+        tls = mqtt.tls
+        try:
+            tls_context(TlsOptions(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file))
+        except SourceFileError as exc:
+            problems += exc.problems
+    located = []
+    for problem in problems:
+        # the problem names the file it is about; place it where the setting naming that file is
+        loc: list[str | int] = [*problem.where.split(".")]
+        message = f"{problem.file}: {problem.message}"
+        if _env_path(overrides, loc):
+            env_name = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+            located.append(Problem(f"environment {env_name}", None, None, problem.where, message))
+        elif doc is not None:
+            located.append(doc.problem(loc, message))
+        else:
+            located.append(Problem(file, None, None, problem.where, message))
+    if located:
+        raise SourceFileError(located)
+
+
+def load_settings(
+    path: str | Path | None, environ: Mapping[str, str] | None = None, *, check_files: bool = True
+) -> Settings:
     """Load and validate the configuration, listing every problem with its location.
 
     Args:
         path: the YAML file, or None for defaults plus environment.
         environ: the environment to read overrides from (default: os.environ).
+        check_files: also read the MQTT password file and load the TLS files, reporting problems
+            at their keys. Commands that only read other sections (`status` reads `http.listen`)
+            pass False, so they work for a user who may not read the gateway's secrets.
 
     Raises:
         SourceFileError: the file or the environment has problems; all are listed.
@@ -357,7 +512,10 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
                 problems.append(Problem(file, None, None, format_path(loc), error["msg"] + shown))
         problems.sort(key=lambda p: (p.file, p.line or 0, p.column or 0))
         raise SourceFileError(problems) from None
-    return _resolve_paths(settings, base_dir)
+    settings = _resolve_paths(settings, base_dir)
+    if check_files:
+        _check_mqtt_files(settings.mqtt, doc, overrides, file)
+    return settings
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -7,6 +7,12 @@ Task per message; paho 2.x offers manual acks and, driven by `add_reader`/`add_w
 Acks are only sent on the connection that received the message: after a reconnect the broker
 redelivers whatever we had not acked, so a stale ack is dropped rather than risk acking a reused
 packet id.
+
+TLS: `tls_context` builds the client context (TLS 1.2 or later, the broker's certificate always
+verified, optionally our client certificate) and paho uses it through `tls_set_context`. A failed
+connection is described in `ConnectionStats.last_error` and the log in words an operator can act on
+("TLS: certificate verify failed: certificate has expired", "TLS: broker requires a client
+certificate"), and retried with the same backoff as any other refusal.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import contextlib
 import logging
 import os
 import random
+import re
 import socket
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -30,6 +39,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
+
+from devices.errors import Problem, SourceFileError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,178 @@ MAX_OUTGOING_QUEUE = 10_000  # QoS 1 publishes held while disconnected; beyond t
 
 class MqttPublishError(Exception):
     """A publish could not be queued (disconnected with a full queue, or the topic is invalid)."""
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+
+# OpenSSL verify codes (X509_V_ERR_*) that mean "not issued by a CA we trust"
+_UNTRUSTED_ISSUER = {2, 18, 19, 20, 21}
+_CERT_EXPIRED, _CERT_NOT_YET_VALID = 10, 9
+_NAME_MISMATCH = {62, 64}  # host name, IP address
+# alerts a broker sends when it does not accept the client certificate we presented
+_CLIENT_CERT_REJECTED = {
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV1_ALERT_DECRYPT_ERROR",
+}
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
+_SSL_ERROR_TEXT = re.compile(r"\[SSL: (?P<reason>[A-Z0-9_]+)\] (?P<text>[^(]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """TLS to the broker.
+
+    Attributes:
+        ca_file: PEM CA certificate(s) the broker's certificate must chain to; None = the system's CAs.
+        cert_file, key_file: our client certificate and unencrypted key (mutual TLS); `key_file`
+            None means `cert_file` holds both.
+        server_name: the name the broker's certificate must be valid for; None = the host dialled.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+
+class _TlsContext(ssl.SSLContext):
+    """A client context that verifies the broker against `server_name` and hands paho a finished handshake.
+
+    paho wraps its socket with the host it dials as `server_hostname` and no way to name another,
+    and shakes hands after `wrap_socket` returns; a handshake that fails there leaves the socket
+    unclosed. Shaking hands inside `wrap_socket` lets `ssl` close it on failure (paho's own
+    `do_handshake` afterwards is a no-op on a finished handshake).
+    """
+
+    server_name: str | None = None
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        """Wrap `sock` for the broker named `server_name` (else `server_hostname`) and shake hands."""
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=True,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=self.server_name or server_hostname,
+            session=session,
+        )
+
+
+class _EncryptedKeyError(Exception):
+    pass
+
+
+def _refuse_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
+    raise _EncryptedKeyError
+
+
+def _file_problem(path: Path, setting: str, message: str) -> SourceFileError:
+    return SourceFileError([Problem(str(path), None, None, f"mqtt.tls.{setting}", message)])
+
+
+def _read_pem(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _file_problem(path, setting, f"cannot read: {exc.strerror}") from None
+
+
+def tls_context(options: TlsOptions) -> ssl.SSLContext:
+    """Build the client TLS context: TLS 1.2 or later, CERT_REQUIRED, host name checked.
+
+    Raises:
+        SourceFileError: a file cannot be read or holds no usable PEM certificate or key; the
+            problem names the file and its setting, never the file's contents.
+    """
+    context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.server_name = options.server_name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    if options.ca_file is not None:
+        _read_pem(options.ca_file, "ca_file")
+        try:
+            context.load_verify_locations(cafile=str(options.ca_file))
+        except ssl.SSLError:
+            raise _file_problem(options.ca_file, "ca_file", "no PEM CA certificate in it") from None
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if options.cert_file is not None:
+        cert = _read_pem(options.cert_file, "cert_file")
+        if b"-----BEGIN CERTIFICATE-----" not in cert:
+            raise _file_problem(options.cert_file, "cert_file", "no PEM certificate in it")
+        key_file, key_setting = (
+            (options.key_file, "key_file")
+            if options.key_file is not None
+            else (options.cert_file, "cert_file")
+        )
+        _read_pem(key_file, key_setting)
+        try:
+            context.load_cert_chain(str(options.cert_file), str(key_file), password=_refuse_passphrase)
+        except _EncryptedKeyError:
+            message = (
+                "the private key is encrypted; tidegate needs it unencrypted "
+                "(openssl pkey -in KEY -out PLAIN), in a file only tidegate's user can read"
+            )
+            raise _file_problem(key_file, key_setting, message) from None
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                message = f"this private key does not belong to the certificate in {options.cert_file}"
+            else:
+                message = "no PEM private key in it"
+            raise _file_problem(key_file, key_setting, message) from None
+    return context
+
+
+def describe_tls_failure(error: BaseException | str, tls: TlsOptions, port: int) -> str | None:
+    """Say what went wrong with TLS in words an operator can act on, or None if it was not TLS.
+
+    Args:
+        error: the exception from connecting (handshake failures, certificate checks), or the text
+            of a read error once the handshake is done (TLS 1.3 brokers refuse a client certificate
+            then, with an alert).
+        tls: the options the connection used (named in the advice).
+        port: the port dialled.
+    """
+    ca = f"ca_file={tls.ca_file}" if tls.ca_file is not None else "the system's CAs"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        code, text = error.verify_code, str(error.verify_message).rstrip(".")
+        if code in _NAME_MISMATCH:
+            return f"TLS: {text[:1].lower()}{text[1:]}"
+        if code in _UNTRUSTED_ISSUER:
+            return f"TLS: certificate verify failed: {text} (the broker's certificate is not issued by {ca})"
+        if code in (_CERT_EXPIRED, _CERT_NOT_YET_VALID):
+            return f"TLS: certificate verify failed: {text} (the broker's certificate)"
+        return f"TLS: certificate verify failed: {text} ({ca})"
+    if isinstance(error, ConnectionResetError | ConnectionAbortedError | BrokenPipeError | ssl.SSLEOFError):
+        return f"TLS: the broker closed the connection during the handshake ({error}): is port {port} a TLS listener?"
+    match = _SSL_ERROR_TEXT.search(str(error))
+    if match is None:
+        return None
+    reason, text = match["reason"], match["text"].strip()
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED" or (
+        reason == "SSLV3_ALERT_HANDSHAKE_FAILURE" and tls.cert_file is None
+    ):
+        return f"TLS: broker requires a client certificate ({text}): set mqtt.tls.cert_file and key_file"
+    if reason in _CLIENT_CERT_REJECTED and tls.cert_file is not None:
+        return f"TLS: the broker rejected our client certificate (cert_file={tls.cert_file}): {text}"
+    if reason in _NOT_TLS:
+        return f"TLS: the broker did not answer in TLS ({text}): is port {port} a TLS listener?"
+    return f"TLS: {text}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +256,13 @@ class MqttConnection:
         manual_ack: ack QoS 1 messages only when `ack()` is called.
         on_session_lost: called with (since, until) epoch seconds, the window in which messages may
             have been lost, when the broker did not resume our session.
+        tls: connect over TLS with these options (None: plain TCP).
+
+    Raises:
+        SourceFileError: a TLS file cannot be used (see `tls_context`).
+
+    With this module's logger at DEBUG when the connection is made, paho's own protocol trace goes
+    to the `gateway.mqtt.paho` logger (it shows that a password is sent, never the password).
     """
 
     def __init__(
@@ -92,6 +282,7 @@ class MqttConnection:
         reconnect_max_delay: float = 30.0,
         manual_ack: bool = True,
         on_session_lost: Callable[[float, float], None] | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self._subscriptions = list(subscriptions)
@@ -116,6 +307,11 @@ class MqttConnection:
         self._disconnected_at: float | None = None
         self._on_session_lost = on_session_lost
         self._closing = False
+        self._tls = tls
+        # per connection attempt: whether a CONNACK came, and the last error paho logged before it
+        self._connack_seen = False
+        self._early_error = ""
+        self._reader: Callable[[], None] = self._read if tls is None else self._read_tls
 
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -126,6 +322,11 @@ class MqttConnection:
         )
         if username is not None:
             client.username_pw_set(username, password.get_secret_value() if password else None)
+        if tls is not None:
+            client.tls_set_context(tls_context(tls))
+        if log.isEnabledFor(logging.DEBUG):
+            # only then: paho formats a line per packet for its logger, a cost on the hot path
+            client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.max_inflight_messages_set(100)  # our outgoing QoS 1 window (commands)
         client.max_queued_messages_set(MAX_OUTGOING_QUEUE)
         client.on_connect = self._on_connect
@@ -158,8 +359,11 @@ class MqttConnection:
                     await self._loop.run_in_executor(None, self._connect_blocking, first)
                     first = False
                 except (OSError, ValueError) as exc:
-                    self.stats.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
-                    log.warning("%s; retrying in up to %.1fs", self.stats.last_error, delay)
+                    tls_problem = self._describe_tls_failure(exc)
+                    self.stats.last_error = f"cannot connect to {self.host}:{self.port}: {tls_problem or exc}"
+                    # a TLS refusal is a configuration problem that retrying will not fix by itself
+                    level = logging.ERROR if tls_problem else logging.WARNING
+                    log.log(level, "%s; retrying in up to %.1fs", self.stats.last_error, delay)
                 else:
                     await self._ended.wait()  # set on disconnect, refused CONNACK or keepalive timeout
                 if self._closing:
@@ -206,14 +410,27 @@ class MqttConnection:
                     log.warning("broker did not close the connection within 5s")
         self._close_socket()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
         """Queue a publish; paho sends it now or after the next reconnect (QoS 1).
+
+        `properties` are MQTT 5 PUBLISH properties (ignored on an MQTT 3.1.1 connection). Note that
+        paho sends a queued message with its properties as given, so a Message Expiry Interval is
+        not reduced by the time the message waited in paho's queue.
 
         Raises:
             MqttPublishError: the outgoing queue is full or the topic is invalid.
         """
         try:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            info = self._client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties if self._mqtt5 else None
+            )
         except ValueError as exc:
             raise MqttPublishError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
@@ -237,7 +454,9 @@ class MqttConnection:
     def resume_reading(self) -> None:
         """Read the socket again after `pause_reading`."""
         if self._paused and self._sock_fd is not None and self._loop is not None:
-            self._loop.add_reader(self._sock_fd, self._read)
+            self._loop.add_reader(self._sock_fd, self._reader)
+            if self._tls is not None:  # decrypted bytes held by OpenSSL do not make the socket readable
+                self._loop.call_soon(self._read_pending)
         self._paused = False
 
     @property
@@ -245,10 +464,25 @@ class MqttConnection:
         """True while reading is paused for backpressure."""
         return self._paused
 
+    def assume_session(self, since: float) -> None:
+        """Take it that the broker holds our session, as an earlier run recorded (gateway/runstate.py).
+
+        A first CONNACK with session_present = 0 then counts as a lost session, its possible-loss
+        window starting at `since` (epoch seconds), the last moment that run knew it had it.
+        """
+        self._had_session = True
+        self._disconnected_at = since
+
     # -- paho plumbing ----------------------------------------------------------------------------
 
     def _connect_blocking(self, first: bool) -> None:
         # Runs in a worker thread: paho's connect resolves and opens the TCP socket synchronously.
+        self._connack_seen = False
+        self._early_error = ""
+        # Until the CONNACK, keep what paho logs as errors: after a TLS 1.3 handshake the broker
+        # may still refuse us (no client certificate), and paho only logs why before it closes.
+        # Not kept while connected: paho formats every per-packet line for an `on_log` callback.
+        self._client.on_log = self._on_paho_log
         if first:
             properties = None
             if self._mqtt5:
@@ -281,12 +515,24 @@ class MqttConnection:
         self._last_inbound = self._loop.time()
         self._client.loop_read()
 
+    def _read_tls(self) -> None:
+        # OpenSSL decrypts a whole TLS record at a time: the part of it paho has not read yet stays
+        # in OpenSSL's buffer, and the socket will not signal readable for it. Read on while any is.
+        self._read()
+        self._read_pending()
+
+    def _read_pending(self) -> None:
+        sock = self._client.socket()
+        while not self._paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self._read()
+            sock = self._client.socket()
+
     def _register_socket(self, fd: int) -> None:
         assert self._loop is not None
         self._sock_fd = fd
         self._last_inbound = self._loop.time()
         if not self._paused:
-            self._loop.add_reader(fd, self._read)
+            self._loop.add_reader(fd, self._reader)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this just before closing the socket, on the loop thread (reads) or in our
@@ -316,9 +562,18 @@ class MqttConnection:
         if fd >= 0:
             self._loop.remove_writer(fd)
 
+    def _on_paho_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self._early_error = text
+
+    def _describe_tls_failure(self, error: BaseException | str) -> str | None:
+        return describe_tls_failure(error, self._tls, self.port) if self._tls is not None else None
+
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
     ) -> None:
+        self._connack_seen = True
+        client.on_log = None
         if reason.is_failure:
             self.stats.last_error = f"broker refused the connection: {reason}"
             log.error("%s (client id %s)", self.stats.last_error, self.client_id)
@@ -372,6 +627,20 @@ class MqttConnection:
             if not self._closing:
                 self.stats.last_error = f"connection lost: {reason}"
                 log.warning("disconnected from %s:%s: %s", self.host, self.port, reason)
+        elif not self._connack_seen and not self._closing:
+            # closed before any CONNACK: a TLS refusal after the handshake, or not an MQTT listener
+            early = self._early_error
+            problem = self._describe_tls_failure(early) if early else None
+            if problem is None:
+                problem = "the connection closed before the broker answered CONNECT" + (
+                    f" ({early})" if early else ""
+                )
+                if self._tls is None:
+                    problem += f"; if port {self.port} is a TLS listener, use mqtts://"
+            self.stats.last_error = f"cannot connect to {self.host}:{self.port}: {problem}"
+            # TLS refusals are configuration problems; a bare close may be a broker going down
+            level = logging.ERROR if problem.startswith("TLS:") else logging.WARNING
+            log.log(level, "%s (client id %s)", self.stats.last_error, self.client_id)
         if self._ended is not None:
             self._ended.set()
 

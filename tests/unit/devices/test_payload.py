@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import devices.payload as payload_module
 from devices.errors import PayloadError
-from devices.payload import INT64_MAX, PayloadDecoder
+from devices.payload import INT64_MAX, PayloadDecoder, content_type_format
 
 NOW = 1_764_000_000.0
 decoder = PayloadDecoder(max_bytes=4096, max_batch=5, max_fields=3, max_string=10)
@@ -101,9 +102,86 @@ values = st.one_of(
     st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True), values, min_size=1, max_size=3)
 )
 def test_round_trip_of_valid_objects(fields: dict[str, object]) -> None:
-    fields.pop("ts", None)
-    fields.pop("seq", None)
+    for reserved in ("ts", "seq", "device", "device_id"):
+        fields.pop(reserved, None)
     if not fields:
         return
     [event] = decoder.decode("dev-1", json.dumps(fields).encode(), NOW)
     assert dict(event.fields) == fields
+
+
+# -- identity (RELIABILITY I6) and content types -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"device": "d1", "t": 1}',
+        b'{"device_id": "d1", "t": 1}',
+        b'{"device": "d1", "device_id": "d1", "t": 1}',
+        b'[{"device": "d1", "t": 1}, {"t": 1}]',
+    ],
+)
+def test_a_payload_may_name_its_own_device(payload: bytes) -> None:
+    events = decoder.decode("d1", payload, NOW)
+    assert all(dict(e.fields) == {"t": 1} and e.device_id == "d1" for e in events)  # not stored as a field
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"device": "d2", "t": 1}', "'device' names device 'd2', but the topic is for device 'd1'"),
+        (b'{"t": 1, "device_id": "D1"}', "'device_id' names device 'D1', but the topic is for device 'd1'"),
+        (b'{"device": "d1", "device_id": "d2", "t": 1}', "'device_id' names device 'd2'"),
+        (b'{"device": 1, "t": 1}', "'device' names device 1, but"),
+        (b'{"device": null, "t": 1}', "'device' names device None, but"),
+        (b'{"device": ["d1"], "t": 1}', "'device' names device ['d1'], but"),
+        (b'{"device": "d1 ", "t": 1}', "'device' names device 'd1 ', but"),
+        (b'[{"t": 1}, {"device": "d2", "t": 1}]', "[1] 'device' names device 'd2', but"),
+        pytest.param(
+            b'{"device": "' + b"x" * 500 + b'", "t": 1}',
+            "'device' names device '" + "x" * 80 + "', but",
+            id="long",
+        ),
+    ],
+)
+def test_a_payload_naming_another_device_is_rejected(payload: bytes, reason: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        decoder.decode("d1", payload, NOW)
+    assert info.value.reason.startswith(reason)
+    assert info.value.device_id == "d1"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ("application/json", "json"),
+        ("application/senml+json", "senml"),
+        ("Application/JSON; charset=utf-8", "json"),
+        ("application/senml+json ;charset=UTF-8", "senml"),
+    ],
+)
+def test_content_types(content_type: str, expected: str) -> None:
+    assert content_type_format(content_type) == expected
+
+
+@pytest.mark.parametrize(
+    "content_type", ["", "text/plain", "application/senml+cbor", "application/jsonx", "application/cbor"]
+)
+def test_other_content_types_are_rejected(content_type: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        content_type_format(content_type)
+    assert info.value.reason == (
+        f"unsupported content type {content_type!r} (expected application/json or application/senml+json)"
+    )
+
+
+def test_checked_field_names_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(payload_module, "MAX_CACHED_NAMES", 2)
+    fresh = PayloadDecoder()
+    for name in ("a", "b", "c", "d"):
+        [event] = fresh.decode("d1", f'{{"{name}": 1}}'.encode(), NOW)
+        assert dict(event.fields) == {name: 1}
+    assert fresh._names == {"a", "b"}
+    with pytest.raises(PayloadError, match="field name 'a b' is not allowed"):
+        fresh.decode("d1", b'{"a": 1, "a b": 1}', NOW)

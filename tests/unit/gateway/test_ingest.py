@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from devices.command import Command
+from devices.errors import SourceFileError
 from devices.payload import PayloadDecoder
 from devices.registry import UnknownDevicePolicy, parse_registry
 from devices.topic import TopicScheme
@@ -320,3 +323,182 @@ def test_telemetry_counts_as_seen_even_when_rejected() -> None:
     ingest.on_message(telemetry(2, "gh-1", temperature=1.0))
     assert sorted(ingest.tracker.device_ids()) == ["gh-1", "stray"]
     assert ingest.tracker.view("gh-1", 1_764_000_000.0).rate == pytest.approx(1 / 60)
+
+
+# -- payload formats, MQTT 5 content type, identity ------------------------------------------------------
+
+FORMATS_REGISTRY = """
+types:
+  greenhouse:
+    fields:
+      temperature: {type: number, min: -40, max: 85}
+      fan: {type: bool}
+  meter:
+    format: senml
+    fields:
+      temperature: {type: number, min: -40, max: 85}
+      energy_sum: {type: number}
+devices:
+  - {id: gh-1, type: greenhouse}
+  - {id: m-1, type: meter}
+"""
+NOW = 1_764_000_000.0
+SENML = json.dumps(
+    [{"bn": "m-1:", "n": "temperature", "u": "Cel", "v": 21.5, "t": -10}, {"n": "energy", "u": "J", "s": 7}]
+).encode()
+
+
+@dataclass
+class Msg5(Msg):
+    """A message as paho hands it over on an MQTT 5 connection (3.1.1 has `properties = None`)."""
+
+    properties: Properties | None = None
+
+
+def with_content_type(topic: str, payload: bytes, mid: int, content_type: str | None) -> Msg5:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if content_type is not None:
+        properties.ContentType = content_type
+    return Msg5(topic, payload, mid, properties=properties)
+
+
+def make_formats() -> tuple[TelemetryIngest, FakeMqtt, FakeSink]:
+    mqtt, sink = FakeMqtt(), FakeSink()
+    ingest = TelemetryIngest(
+        topics=TopicScheme("devices/{device_id}/telemetry"),
+        decoder=PayloadDecoder(),
+        engine=RuleEngine(build_rule_set({})),
+        sink=sink,
+        commands=CommandDispatcher(
+            channel=mqtt,
+            topics=TopicScheme("devices/{device_id}/commands"),
+            record=lambda p: None,
+            clock=lambda: 5.0,
+        ),
+        mqtt=mqtt,
+        dead_letter_topic="tidegate/dead-letter",
+        dead_letter_max_bytes=512,
+        clock=lambda: NOW,
+        registry=parse_registry(FORMATS_REGISTRY, "devices.yaml"),
+    )
+    return ingest, mqtt, sink
+
+
+@pytest.mark.parametrize(
+    ("message", "stored"),
+    [
+        pytest.param(
+            Msg("devices/m-1/telemetry", SENML, 1),
+            [(NOW - 10, {"temperature": 21.5}), (NOW, {"energy_sum": 7.0})],
+            id="senml type, no properties (MQTT 3.1.1)",
+        ),
+        pytest.param(
+            with_content_type("devices/m-1/telemetry", SENML, 1, None),
+            [(NOW - 10, {"temperature": 21.5}), (NOW, {"energy_sum": 7.0})],
+            id="senml type, MQTT 5 without content type",
+        ),
+        pytest.param(
+            with_content_type("devices/m-1/telemetry", b'{"temperature": 20}', 1, "application/json"),
+            [(NOW, {"temperature": 20.0})],
+            id="content type json overrides the type's senml",
+        ),
+        pytest.param(
+            with_content_type(
+                "devices/gh-1/telemetry",
+                b'[{"n": "fan", "vb": true}]',
+                1,
+                "application/senml+json; charset=utf-8",
+            ),
+            [(NOW, {"fan": True})],
+            id="content type senml overrides the type's json",
+        ),
+        pytest.param(
+            with_content_type(
+                "devices/stray/telemetry", b'[{"n": "stray:x", "v": 1}]', 1, "application/senml+json"
+            ),
+            [(NOW, {"x": 1.0})],
+            id="unregistered device with a senml content type",
+        ),
+        pytest.param(
+            Msg("devices/gh-1/telemetry", b'{"device": "gh-1", "temperature": 20}', 1),
+            [(NOW, {"temperature": 20.0})],
+            id="json naming its own device",
+        ),
+    ],
+)
+def test_payload_format_is_chosen_by_content_type_then_device_type(
+    message: Msg, stored: list[tuple[float, dict[str, object]]]
+) -> None:
+    ingest, mqtt, sink = make_formats()
+    ingest.on_message(message)
+    sink.flush()
+    assert dead_reasons(mqtt) == []
+    assert [(p.ts, dict(p.fields)) for p in sink.points] == stored
+    assert mqtt.acks == [1] and ingest.stats.written == 1
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        pytest.param(
+            Msg("devices/m-1/telemetry", b'{"temperature": 20}', 1),
+            "a SenML pack must be a JSON array of records, got dict",
+            id="json from a senml type",
+        ),
+        pytest.param(
+            with_content_type("devices/gh-1/telemetry", b'{"temperature": 20}', 1, "text/plain"),
+            "unsupported content type 'text/plain' (expected application/json or application/senml+json)",
+            id="other content type",
+        ),
+        pytest.param(
+            with_content_type("devices/gh-1/telemetry", SENML, 1, "application/json"),
+            "field 'bn': not a field of type 'greenhouse'",  # valid JSON, but not this type's fields
+            id="senml labelled json",
+        ),
+        pytest.param(
+            Msg("devices/gh-1/telemetry", b'{"device": "gh-2", "temperature": 20}', 1),
+            "'device' names device 'gh-2', but the topic is for device 'gh-1'",
+            id="spoofed json object",
+        ),
+        pytest.param(
+            Msg(
+                "devices/gh-1/telemetry", b'[{"temperature": 20}, {"device_id": "m-1", "temperature": 21}]', 1
+            ),
+            "[1] 'device_id' names device 'm-1', but the topic is for device 'gh-1'",
+            id="spoofed json batch item",
+        ),
+        pytest.param(
+            Msg("devices/m-1/telemetry", b'[{"bn": "gh-1:", "n": "temperature", "v": 20}]', 1),
+            "[0] SenML name 'gh-1:temperature' names device 'gh-1', but the topic is for device 'm-1'",
+            id="spoofed senml bn",
+        ),
+        pytest.param(
+            Msg("devices/m-1/telemetry", b'[{"n": "pressure", "v": 1}]', 1),
+            "field 'pressure': not a field of type 'meter'",
+            id="senml checked against the type",
+        ),
+    ],
+)
+def test_wrong_format_content_type_or_identity_is_dead_lettered(message: Msg, reason: str) -> None:
+    ingest, mqtt, sink = make_formats()
+    ingest.on_message(message)
+    sink.flush()
+    assert sink.points == [] and mqtt.acks == [1]
+    assert ingest.stats.rejected == 1 and ingest.stats.written == 0
+    [dead] = dead_reasons(mqtt)
+    assert dead.startswith(reason)
+
+
+def test_registry_format_defaults_to_json_and_rejects_unknown_formats() -> None:
+    registry = parse_registry(FORMATS_REGISTRY, "devices.yaml")
+    assert {name: spec.format for name, spec in registry.types.items()} == {
+        "greenhouse": "json",
+        "meter": "senml",
+    }
+    with pytest.raises(SourceFileError) as info:
+        parse_registry(FORMATS_REGISTRY.replace("format: senml", "format: cbor"), "devices.yaml")
+    assert "devices.yaml:8:13" in str(info.value) and "'json' or 'senml'" in str(info.value)
+    with pytest.raises(SourceFileError, match="field name 'device' is not allowed"):
+        parse_registry(
+            FORMATS_REGISTRY.replace("fan: {type: bool}", "device: {type: string}"), "devices.yaml"
+        )

@@ -8,26 +8,35 @@ A registry file (YAML, `devices.file` in the config) looks like:
           temperature: {type: number, unit: "°C", min: -40, max: 85}
           humidity:    {type: number, unit: "%RH", min: 0, max: 100}
           fan:         {type: bool}
+        commands:                       # the allow-list: anything else is rejected before sending
+          fan: {params: {on: {type: bool}}}
+          mode: {params: {speed: {type: string, enum: ["off", low, high]}}}
     devices:
       - {id: gh-1, type: greenhouse, tags: {site: north}}
 
 A payload from a registered device may carry only its type's fields, each of its declared kind and,
 for numbers, within its range; a field may be left out (devices often send partial readings). This
 module is pure: it parses text and checks values, and reads neither files nor clocks.
+
+The file is read with YAML 1.2 booleans (only true/false), so a parameter named `on` or an enum
+value `off` stays text instead of turning into a boolean as YAML 1.1 would have it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from devices.command import CommandAllowList, CommandName, CommandSpec
 from devices.errors import PayloadError, SourceFileError
 from devices.event import FieldValue, TelemetryEvent
-from devices.payload import FIELD_NAME_RE
+from devices.payload import FIELD_NAME_RE, IDENTITY_KEYS, RESERVED_KEYS, PayloadFormat
 from devices.topic import is_valid_device_id
 from devices.yamlsource import LocatedDocument
 
@@ -58,15 +67,20 @@ class FieldSpec(_Strict):
 
 
 class DeviceType(_Strict):
-    """A kind of device: the telemetry fields its payloads may carry."""
+    """A kind of device: the telemetry fields its payloads may carry, and the commands it accepts."""
 
     fields: dict[str, FieldSpec] = Field(min_length=1)
+    commands: dict[CommandName, CommandSpec] = {}
+    format: PayloadFormat = "json"  # telemetry payloads: tidegate JSON, or SenML JSON (RFC 8428)
 
     @model_validator(mode="after")
     def _names(self) -> DeviceType:
-        bad = [name for name in self.fields if FIELD_NAME_RE.match(name) is None or name in ("ts", "seq")]
+        reserved = RESERVED_KEYS | IDENTITY_KEYS
+        bad = [name for name in self.fields if FIELD_NAME_RE.match(name) is None or name in reserved]
         if bad:
-            raise ValueError(f"field name {bad[0]!r} is not allowed (letters, digits, _ . -; not ts or seq)")
+            raise ValueError(
+                f"field name {bad[0]!r} is not allowed (letters, digits, _ . -; not {', '.join(sorted(reserved))})"
+            )
         return self
 
 
@@ -140,10 +154,31 @@ class DeviceRegistry:
     def __len__(self) -> int:
         return len(self.devices)
 
+    def allow_list(self) -> CommandAllowList:
+        """Return the commands each registered device accepts (its type's `commands`; none without)."""
+        return CommandAllowList(
+            {name: spec.commands for name, spec in self.types.items()},
+            {device.id: device.type for device in self.devices.values()},
+        )
+
     @classmethod
     def empty(cls) -> DeviceRegistry:
         """Return a registry that knows no device (every device is unknown)."""
         return cls({}, [])
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """A SafeLoader with YAML 1.2 booleans: `on`, `off`, `yes`, `no` stay text."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def parse_registry(text: str, file: str) -> DeviceRegistry:
@@ -153,7 +188,8 @@ def parse_registry(text: str, file: str) -> DeviceRegistry:
         SourceFileError: the file has problems; all are listed.
     """
     doc = LocatedDocument(text, file)
-    data = doc.data if doc.data is not None else {}
+    # LocatedDocument (YAML 1.1) is kept for positions; the data is read again with YAML 1.2 booleans.
+    data = yaml.load(text, Loader=_Yaml12Loader) if doc.data is not None else {}  # a SafeLoader
     if not isinstance(data, dict):
         raise SourceFileError([doc.problem([], "expected a mapping with `types` and `devices`")])
     try:

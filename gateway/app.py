@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from devices.delivery import DeliveryPolicy
 from devices.errors import SourceFileError
 from devices.payload import PayloadDecoder
 from devices.topic import TopicScheme
+from gateway.actions import ActionRunner, WebhookSender
 from gateway.checkpoint import RuleStateCheckpointer
 from gateway.commands import CommandDispatcher
 from gateway.config import (
@@ -26,9 +28,10 @@ from gateway.deadletter import DeadLetterFile
 from gateway.devicefile import read_device_file
 from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
-from gateway.mqtt import MqttConnection, Subscription
+from gateway.mqtt import MqttConnection, Subscription, TlsOptions
 from gateway.records import ALERTS, session_loss_point
 from gateway.rulefiles import read_rule_dir, rule_files_fingerprint
+from gateway.runstate import RunState, read_run_state, run_state_path, write_run_state
 from gateway.store.base import Point, RejectedPointsError, Store
 from gateway.store.batcher import BatchWriter
 from gateway.store.spool import Spool, SpoolStats
@@ -37,6 +40,7 @@ from rules import AlarmStatus, RuleEngine, RuleSet, build_rule_set
 log = logging.getLogger(__name__)
 ENGINE_TICK = 1.0  # how often timers (absence, `for:` durations) are advanced
 DRAIN_TIMEOUT = 10.0
+WEBHOOK_DRAIN_TIMEOUT = 5.0  # at shutdown, for queued webhooks (a dead endpoint must not hold it up)
 # How often the rule directory is checked for changes: a stat per file, so cheap; an operator who
 # saves a file sees it in force within this long (SIGHUP reloads at once).
 RULE_POLL_INTERVAL = 2.0
@@ -139,7 +143,7 @@ class Gateway:
         topics = settings.mqtt.topics
         telemetry = TopicScheme(topics.telemetry)
         self._acks = TopicScheme(topics.command_acks)
-        status_topics = TopicScheme(topics.status)
+        status_topics = self._status_topics = TopicScheme(topics.status)
         mqtt = settings.mqtt
         self.mqtt = MqttConnection(
             host=mqtt.host,
@@ -147,7 +151,7 @@ class Gateway:
             client_id=mqtt.client_id,
             protocol=mqtt.protocol,
             username=mqtt.username,
-            password=mqtt.password,
+            password=mqtt.read_password(),
             keepalive=mqtt.keepalive,
             session_expiry=mqtt.session_expiry,
             receive_maximum=mqtt.receive_maximum,
@@ -159,14 +163,38 @@ class Gateway:
                 Subscription(status_topics.subscription, 1, self._on_status),
             ],
             on_session_lost=self._on_session_lost,
+            tls=(
+                TlsOptions(
+                    ca_file=mqtt.tls.ca_file,
+                    cert_file=mqtt.tls.cert_file,
+                    key_file=mqtt.tls.key_file,
+                    server_name=mqtt.tls.server_name,
+                )
+                if mqtt.tls_enabled
+                else None
+            ),
         )
+        command = settings.commands
         self.commands = CommandDispatcher(
             channel=self.mqtt,
             topics=TopicScheme(topics.commands),
             record=self._record,
             clock=clock,
-            ack_timeout=settings.commands.ack_timeout,
-            max_pending=settings.commands.max_pending,
+            policy=DeliveryPolicy(
+                ack_timeout=command.ack_timeout,
+                retry_interval=command.retry_interval,
+                max_attempts=command.max_attempts,
+                offline=command.offline,
+                max_queued_per_device=command.max_queued_per_device,
+                max_pending=command.max_pending,
+                rate=command.rate,
+                burst=command.burst,
+            ),
+            ttl=command.ttl,
+            is_connected=self.mqtt.connected.is_set,
+            is_offline=self._device_offline,
+            ack_topics=self._acks,
+            mqtt5=mqtt.protocol == "5",
         )
         dead = settings.dead_letter
         self.dead_letter = (
@@ -190,7 +218,22 @@ class Gateway:
             registry=read_device_file(settings.devices.file) if settings.devices.file is not None else None,
             unknown_devices=settings.devices.unknown,
             status_topics=status_topics,
+            hand_off=lambda: self.writer.current_hand_off,
         )
+        actions = settings.actions
+        self.actions = ActionRunner(
+            mqtt=self.mqtt,
+            webhooks=WebhookSender(
+                timeout=actions.webhook_timeout,
+                max_queue=actions.webhook_queue,
+                max_attempts=actions.webhook_attempts,
+                backoff=actions.webhook_backoff,
+                workers=actions.webhook_workers,
+            ),
+        )
+        self.ingest.run_action = self.actions.execute  # republish, webhooks, derived points
+        if settings.devices.file is not None:  # with a registry, only its devices' declared commands go out
+            self.commands.allow_list = self.ingest.registry.allow_list()
         rules = settings.rules
         self.checkpointer = (
             RuleStateCheckpointer(
@@ -203,6 +246,12 @@ class Gateway:
             if rules.checkpoint_enabled and rules.checkpoint_file is not None
             else None
         )
+        # The previous run's MQTT session and how it stopped (gateway/runstate.py)
+        self.run_state_path = run_state_path(
+            rules.checkpoint_file if self.checkpointer is not None else None,
+            settings.spool.dir if settings.spool.enabled else None,
+        )
+        self._previous_run: RunState | None = None
         self.points_rejected = 0
         self.status_server: StatusServer | None = None
         self.ready = asyncio.Event()
@@ -212,11 +261,23 @@ class Gateway:
 
     def _on_status(self, message: Any) -> None:
         self.ingest.on_status(message)
+        device_id = self._status_topics.device_id(message.topic)
+        if device_id is not None:  # a birth message releases the commands held for that device now
+            self.commands.device_changed(device_id)
+
+    def _device_offline(self, device_id: str) -> bool:
+        return self.ingest.tracker.view(device_id, self._clock()).status == "offline"
 
     def _on_command_ack(self, message: Any) -> None:
         device_id = self._acks.device_id(message.topic)
         if device_id is not None:
-            self.commands.handle_ack(device_id, message.payload)
+            # MQTT 5 acks may carry the command id as Correlation Data (request/response pattern)
+            correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+            self.commands.handle_ack(
+                device_id,
+                message.payload,
+                correlation_data=correlation if isinstance(correlation, bytes) else None,
+            )
         generation = self.mqtt.generation
         # ack after the outcome record is written, like telemetry
         self.writer.add([], lambda: self.mqtt.ack(message.mid, message.qos, generation))
@@ -384,12 +445,17 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain: stop reading, write what is pending, disconnect."""
+        previous = await self._begin_run()
         if self.checkpointer is not None:  # before the first message or tick, and before the registry
             restored = await self.checkpointer.restore(self._clock())
             if restored:
                 points: list[Point] = []
                 self.ingest.execute(restored, points)
                 self.writer.add(points)
+            if previous is None or not previous.clean_stop:
+                # after a crash the checkpoint is older than what was stored: seqs stored since then
+                # would look missing (devices/dedupe.py)
+                self.ingest.seqs.distrust()
         registered = self.ingest.registry.devices
         if registered:  # absence rules then cover registered devices that never speak at all
             self.engine.add_known_devices(registered, self._clock())
@@ -401,6 +467,8 @@ class Gateway:
                     group.create_task(self.commands.run(), name="commands"),
                     group.create_task(self.ingest.run_backpressure(), name="backpressure"),
                     group.create_task(self._tick_engine(), name="engine-timers"),
+                    group.create_task(self.actions.webhooks.run(), name="webhooks"),
+                    group.create_task(self._remember_session(), name="run-state"),
                 ]
                 if self.settings.rules.dir is not None:
                     tasks.append(
@@ -414,6 +482,12 @@ class Gateway:
                         alarms=self.alarms,
                         acknowledge=self.acknowledge,
                         devices=self.devices,
+                        commands=self.commands,
+                        command_token=(
+                            self.settings.commands.token.get_secret_value()
+                            if self.settings.commands.token is not None
+                            else None
+                        ),
                     )
                     tasks.append(group.create_task(self.status_server.run(), name="status-http"))
                 checkpoints = (
@@ -427,24 +501,88 @@ class Gateway:
                 if checkpoints is not None:
                     checkpoints.cancel()
                 self.mqtt.pause_reading()
+                self.commands.close()  # pending commands get an end on record before the last writes
+                await self.actions.webhooks.drain(WEBHOOK_DRAIN_TIMEOUT)  # what is left is counted, logged
+                clean = False
                 try:
                     # acks for everything written go out before we disconnect; what cannot be written
                     # in time stays unacked, and the broker redelivers it to our session on restart
                     await asyncio.wait_for(self.writer.close(), timeout=DRAIN_TIMEOUT)
+                    clean = True
                     if self.checkpointer is not None:  # all written: the state may say so
-                        await self.checkpointer.close()
+                        clean = await self.checkpointer.close()
                 except TimeoutError:
                     log.warning(
                         "store did not take pending points within %ss; the broker keeps them", DRAIN_TIMEOUT
                     )
                     writer.cancel()
                 await self.mqtt.disconnect()
+                await self._end_run(clean)
                 for task in tasks:
                     task.cancel()
         finally:
             await self.store.close()
             if self.dead_letter is not None:
                 self.dead_letter.close()
+
+    # -- run state: the MQTT session and clean stops across restarts --------------------------------
+
+    def _session_kept(self) -> bool:
+        """Tell whether the broker keeps a session for us while we are away."""
+        mqtt = self.settings.mqtt
+        return mqtt.protocol == "3.1.1" or mqtt.session_expiry > 0
+
+    def _run_state(self, *, session: bool, connected_until: float | None, clean_stop: bool) -> RunState:
+        broker = f"{self.mqtt.host}:{self.mqtt.port}"
+        return RunState(self.settings.mqtt.client_id, broker, session, connected_until, clean_stop)
+
+    async def _begin_run(self) -> RunState | None:
+        """Read what the previous run left (None if nothing applies); note this run as not stopped."""
+        path = self.run_state_path
+        if path is None:
+            return None
+        previous = await asyncio.to_thread(read_run_state, path)
+        fresh = self._run_state(session=False, connected_until=None, clean_stop=False)
+        if previous is not None and (previous.client_id, previous.broker) != (fresh.client_id, fresh.broker):
+            log.info("run state %s is for another client id or broker; not used", path)
+            previous = None
+        self._previous_run = previous
+        if previous is not None and previous.session and self._session_kept():
+            # a CONNACK without our session is then a loss, not a first start
+            self.mqtt.assume_session(
+                previous.connected_until if previous.connected_until is not None else self._clock()
+            )
+        if previous is not None:
+            fresh = self._run_state(
+                session=previous.session, connected_until=previous.connected_until, clean_stop=False
+            )
+        await asyncio.to_thread(write_run_state, path, fresh)
+        return previous
+
+    async def _remember_session(self) -> None:
+        """Once connected and subscribed, record that the broker holds a session for us."""
+        path = self.run_state_path
+        if path is None or not self._session_kept():
+            return
+        await self.mqtt.connected.wait()
+        state = self._run_state(session=True, connected_until=self._clock(), clean_stop=False)
+        await asyncio.to_thread(write_run_state, path, state)
+
+    async def _end_run(self, clean: bool) -> None:
+        """Record how this run stopped, and until when it had its session."""
+        path = self.run_state_path
+        if path is None:
+            return
+        previous = self._previous_run
+        until: float | None
+        if self.mqtt.stats.connects and self._session_kept():
+            session, until = True, self._clock()
+        elif previous is not None:  # never connected: what the previous run knew still holds
+            session, until = previous.session, previous.connected_until
+        else:
+            session, until = False, None
+        state = self._run_state(session=session, connected_until=until, clean_stop=clean)
+        await asyncio.to_thread(write_run_state, path, state)
 
     def snapshot(self) -> dict[str, Any]:
         """Return the gateway's counters as plain data (for status, metrics and the demo)."""
@@ -454,6 +592,15 @@ class Gateway:
             "received": ingest.received,
             "written": ingest.written,
             "rejected": ingest.rejected,
+            "messages_stored": ingest.messages_stored,
+            "messages_spooled": ingest.messages_spooled,
+            "messages_dead_lettered": ingest.messages_dead_lettered,
+            "in_flight": ingest.in_flight,
+            "seq_gaps": ingest.seq_gaps,
+            "seq_missing": ingest.seq_missing,
+            "seq_late": ingest.seq_late,
+            "seq_gaps_unverified": ingest.seq_gaps_unverified,
+            "late_events": self.engine.late_events,
             "events": ingest.events,
             "duplicates": ingest.duplicates,
             "pending_points": self.writer.pending,
@@ -466,10 +613,17 @@ class Gateway:
             "commands_failed": commands.acked_error,
             "commands_timed_out": commands.timed_out,
             "commands_rejected": commands.rejected,
+            "commands_expired": commands.expired,
+            "commands_retries": commands.retries,
+            "commands_queued": commands.queued,
+            "commands_pending": self.commands.pending,
+            "commands_waiting": self.commands.queued,
+            "command_acks_unmatched": commands.unknown_acks + commands.late_acks,
             "points_rejected": self.points_rejected,
             "dead_letter_records": self.dead_letter.records if self.dead_letter is not None else 0,
             "store_retries": self.writer.retries,
             "mqtt_connected": self.mqtt.connected.is_set(),
+            "mqtt_error": self.mqtt.stats.last_error,  # why the last connection attempt failed, if it did
             "mqtt_reconnects": max(self.mqtt.stats.connects - 1, 0),
             "sessions_lost": self.mqtt.stats.sessions_lost,
             "session_loss_windows": self.mqtt.stats.sessions_lost,

@@ -123,6 +123,19 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     if not rule_set.rules:
         print(f"error: {args.dir}: no rules found (rule files end in .yaml or .yml)", file=sys.stderr)
         return 1
+    if args.devices is not None:  # command actions against the device types' allow-lists
+        from gateway.commands import check_rule_commands
+        from gateway.devicefile import read_device_file
+
+        problems = check_rule_commands(rule_set, read_device_file(args.devices))
+        for problem in problems:
+            print(f"{'error' if problem.error else 'warning'}: {problem}", file=sys.stderr)
+        if any(problem.error for problem in problems):
+            print(
+                f"{sum(p.error for p in problems)} command action(s) no targeted device accepts",
+                file=sys.stderr,
+            )
+            return 1
     print(f"{args.dir}: {len(rule_set.rules)} rule(s) ok")
     return 0
 
@@ -153,7 +166,7 @@ def _endpoint(args: argparse.Namespace) -> str | None:
         return url.rstrip("/")
     from gateway.config import load_settings
 
-    address = load_settings(getattr(args, "config", None)).http.address
+    address = load_settings(getattr(args, "config", None), check_files=False).http.address
     if address is None:
         print("error: no http.listen in the config: the gateway serves no status endpoint", file=sys.stderr)
         return None
@@ -324,26 +337,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator import SimulationSummary, SimulatorError, run_simulation
+    from simulator import SimulationSummary, SimulatorError, read_fleet_file, run_simulation
+    from simulator.progress import ProgressDisplay, summary_text
 
     _setup_logging("INFO" if args.verbose else "WARNING")
+    fleet = None
+    if args.fleet is not None:
+        if args.devices is not None or args.rate is not None:
+            print("error: --fleet describes the devices; leave out --devices and --rate", file=sys.stderr)
+            return 2
+        fleet = read_fleet_file(args.fleet)  # a SourceFileError lists every problem (see main)
+    password = os.environ.get("TIDEGATE_SIM_PASSWORD")
+    if args.password_file is not None:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error: --password-file {args.password_file}: cannot read it ({exc})", file=sys.stderr)
+            return 1
+    display = ProgressDisplay(live=False if args.json and not sys.stderr.isatty() else None)
 
     async def simulate(stop: asyncio.Event) -> SimulationSummary:
         return await run_simulation(
             args.broker,
-            devices=args.devices,
-            rate=args.rate,
+            fleet=fleet,
+            devices=None if fleet is not None else (args.devices or 10),
+            rate=None if fleet is not None else (args.rate or 1.0),
             duration=args.duration,
             seed=args.seed,
+            connections=args.connections,
+            connection_per_device=args.connection_per_device,
+            username=args.username,
+            password=password,
+            ca_file=args.ca_file,
+            cert_file=args.cert,
+            key_file=args.key,
+            on_progress=display.update,
             stop=stop,
         )
 
     try:
-        summary = asyncio.run(_until_signalled(simulate))
+        with display:
+            summary = asyncio.run(_until_signalled(simulate))
     except (SimulatorError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary.as_dict()))
+    print(json.dumps(summary.as_dict()) if args.json else summary_text(summary))
     return 0
 
 
@@ -355,7 +393,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     store_settings = (
         SqliteSettings(kind="sqlite", path=Path(args.sqlite))
         if args.sqlite
-        else load_settings(args.config).store
+        else load_settings(args.config, check_files=False).store
     )
     if args.sqlite and not Path(args.sqlite).exists():
         print(f"error: {args.sqlite}: no such file", file=sys.stderr)
@@ -417,6 +455,119 @@ def _version() -> str:
         return "dev"
 
 
+# -- command --------------------------------------------------------------------------------------------
+
+# `tidegate command send` exit codes
+EXIT_OK, EXIT_FAILED, EXIT_PENDING = 0, 1, 3
+
+
+def cmd_command_send(args: argparse.Namespace) -> int:
+    from gateway.commandclient import CommandClientError, parse_params, send_direct, send_through_gateway
+    from gateway.config import load_settings
+
+    try:
+        params = parse_params(args.params)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = load_settings(args.config)
+    wait = args.timeout if args.wait else 0.0
+    try:
+        if args.direct:
+            registry = None
+            if settings.devices.file is not None:
+                from gateway.devicefile import read_device_file
+
+                registry = read_device_file(settings.devices.file)
+            ttl = args.ttl if args.ttl is not None else settings.commands.ttl
+            view = send_direct(settings, registry, args.device, args.name, params, ttl=ttl, wait=wait)
+        else:
+            url = args.url.rstrip("/") if args.url is not None else None
+            if url is None and settings.http.address is not None:
+                url = f"http://{settings.http.address[0]}:{settings.http.address[1]}"
+            if url is None:
+                print(
+                    "error: no gateway endpoint: give --url, or -c with the running gateway's config "
+                    "(http.listen); without a running gateway, --direct publishes straight to the broker",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            token = (
+                settings.commands.token.get_secret_value() if settings.commands.token is not None else None
+            )
+            _code, view = send_through_gateway(
+                url, args.device, args.name, params, ttl=args.ttl, wait=wait, token=token
+            )
+    except CommandClientError as exc:
+        hint = "" if args.direct else " (is `tidegate run` up? --direct publishes straight to the broker)"
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    return _report_command(view, waited=args.wait, timeout=args.timeout, as_json=args.json)
+
+
+def _report_command(view: dict[str, Any], *, waited: bool, timeout: float, as_json: bool) -> int:
+    status, detail = view.get("status"), view.get("detail") or ""
+    what = f"command {view.get('id')} {view.get('name')} to {view.get('device')}"
+    if as_json:
+        print(json.dumps(view))
+    if status == "ok":
+        latency = view.get("latency_ms")
+        took = f" in {latency:.0f} ms" if isinstance(latency, int | float) else ""
+        if not as_json:
+            print(f"{what}: ok, acked{took}" + (f": {detail}" if detail else ""))
+        return EXIT_OK
+    if status in ("queued", "sent"):
+        if not waited:
+            if not as_json:
+                print(f"{what}: {status}" + (f" ({detail})" if detail else ""))
+            return EXIT_OK
+        print(
+            f"error: {what}: no outcome within {timeout:g}s, it is still {status}"
+            + (f" ({detail})" if detail else "")
+            + "; `tidegate command list` shows how it ends",
+            file=sys.stderr,
+        )
+        return EXIT_PENDING
+    meaning = {
+        "error": "the device answered error",
+        "timed_out": "no ack from the device",
+        "expired": "not sent before it expired",
+        "rejected": "rejected, not sent",
+    }.get(str(status), str(status))
+    print(f"error: {what}: {meaning}" + (f": {detail}" if detail else ""), file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_command_list(args: argparse.Namespace) -> int:
+    ok, commands = _get_from_gateway(args, "/commands")
+    if not ok:
+        return 1
+    if args.json:
+        print(json.dumps(commands))
+        return 0
+    if not commands:
+        print("no pending or recent commands")
+        return 0
+    now = time.time()
+    header = ("ID", "DEVICE", "NAME", "STATUS", "TRIES", "CREATED", "DETAIL")
+    rows = [
+        (
+            str(c["id"])[:12],
+            str(c["device"]),
+            str(c["name"]),
+            str(c["status"]),
+            str(c["attempts"]),
+            _ago(c["created"], now),
+            str(c["detail"] or "")[:80],
+        )
+        for c in commands
+    ]
+    _print_table(header, rows)
+    pending = sum(c["status"] in ("queued", "sent") for c in commands)
+    print(f"{len(commands)} command(s), {pending} pending")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 
@@ -457,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate every rule file in DIR; exit 1 on any error.",
     )
     rcheck.add_argument("dir", metavar="DIR", help="a directory of *.yaml rule files, or one file")
+    rcheck.add_argument(
+        "--devices",
+        metavar="FILE",
+        help="a device registry: also check each rule's command actions against the allow-lists of the "
+        "device types it targets (warning: some types refuse it; error: none accepts it)",
+    )
     rcheck.set_defaults(func=cmd_rules_check)
     rtest = rules_sub.add_parser(
         "test",
@@ -539,13 +696,84 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate",
         help="run simulated devices against a broker",
-        description="Run N simulated devices that publish telemetry with sequence numbers and obey commands.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run simulated devices that publish telemetry (with ts and seq), status (birth, last will) and\n"
+            "command acks, speaking the protocol in README 'For device developers'. Either a fleet file\n"
+            "(--fleet: device types, id patterns, signals, faults, command behaviour; see README\n"
+            "'Simulator' and deploy/fleets/) or the quick form: --devices N greenhouses at --rate R that\n"
+            "heat up until a `fan` command with params {on: true} cools them.\n\n"
+            "Devices share a few MQTT connections (one per 500 by default); --connection-per-device gives\n"
+            "each its own connection and last will. Shows progress on stderr while running and prints a\n"
+            "summary at the end; Ctrl-C or SIGTERM stops cleanly (devices publish their offline status)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tidegate simulate --devices 5 --rate 2 --duration 30s\n"
+            "  tidegate simulate --fleet deploy/fleets/greenhouse.yaml --seed 7 --duration 10m\n"
+            "  tidegate simulate --fleet big.yaml --connections 8 --broker mqtts://broker:8883 \\\n"
+            "      --ca-file ca.pem --username sim --password-file sim.pass"
+        ),
     )
-    sim.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT")
-    sim.add_argument("--devices", type=_positive_int, default=10, help="number of devices (default 10)")
-    sim.add_argument("--rate", type=_positive_float, default=1.0, help="messages/s per device (default 1)")
-    sim.add_argument("--duration", type=parse_duration, default=None, help="stop after this long")
-    sim.add_argument("--seed", type=int, default=None, help="seed for deterministic signals")
+    sim.add_argument(
+        "--fleet", metavar="FILE", help="fleet file (YAML) describing the devices; replaces --devices/--rate"
+    )
+    sim.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="quick form: number of devices (default 10)",
+    )
+    sim.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=None,
+        metavar="R",
+        help="quick form: messages/s per device (default 1)",
+    )
+    sim.add_argument(
+        "--duration",
+        type=parse_duration,
+        default=None,
+        help="stop after this long, e.g. 90s, 10m (default: until Ctrl-C)",
+    )
+    sim.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed: the same seed sends the same values, faults and timings (default: the fleet file's, "
+        "else random; the summary shows it)",
+    )
+    sim.add_argument(
+        "--connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="MQTT connections to spread the devices over (default: one per 500 devices)",
+    )
+    sim.add_argument(
+        "--connection-per-device",
+        action="store_true",
+        help="one connection per device, each with its own client id (the device id) and last will; "
+        "simulated disconnects then drop the TCP connection so the broker publishes the will",
+    )
+    sim.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        metavar="URL",
+        help="mqtt://HOST:PORT (default mqtt://127.0.0.1:1883), or mqtts://HOST:PORT for TLS",
+    )
+    sim.add_argument("--username", help="MQTT user name")
+    sim.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the MQTT password (default: the TIDEGATE_SIM_PASSWORD environment variable)",
+    )
+    sim.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify the broker (mqtts://)")
+    sim.add_argument("--cert", metavar="FILE", help="client certificate (PEM), for brokers that require one")
+    sim.add_argument("--key", metavar="FILE", help="client private key (PEM) for --cert")
+    sim.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     sim.add_argument("-v", "--verbose", action="store_true", help="log connection activity to stderr")
     sim.set_defaults(func=cmd_simulate)
 
@@ -574,6 +802,69 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--limit", type=_positive_int, default=1000, help="most rows to print (default 1000)")
     query.add_argument("--json", action="store_true", help="one JSON object per row")
     query.set_defaults(func=cmd_query)
+
+    command = sub.add_parser(
+        "command",
+        help="send a command to a device, or list recent commands",
+        description="Send commands to devices through a running gateway (its HTTP endpoint, config key "
+        "http.listen), which checks them against the device type's allow-list, publishes, retries and "
+        "records every step in the store (measurement commands).",
+    )
+    command_sub = command.add_subparsers(dest="command_action", required=True, metavar="ACTION")
+    csend = command_sub.add_parser(
+        "send",
+        help="send one command",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Send command NAME with parameters KEY=VALUE to DEVICE.\n\n"
+        "A VALUE is read as JSON when it is JSON, else as text: speed=3 is the number 3, on=true the\n"
+        'boolean, mode=high the text "high", mode=\'"3"\' the text "3".\n\n'
+        "Without --wait, the command's id and state (sent, queued, rejected) are printed.\n"
+        "With --wait, the outcome is awaited for up to --timeout seconds and printed.",
+        epilog="exit status: 0 the device acked ok (without --wait: the gateway accepted the command);\n"
+        "1 the device answered error, no ack came (timed_out), the command expired or was rejected\n"
+        "  (e.g. not on the allow-list), or the gateway/broker could not be reached;\n"
+        "2 bad arguments; 3 --wait ran out with the command still queued or sent.\n\n"
+        "examples:\n"
+        "  tidegate command send -c config.yaml sim-0001 fan on=true --wait\n"
+        "  tidegate command send --url http://127.0.0.1:9464 gh-1 mode speed=high --wait --timeout 10\n"
+        "  tidegate command send -c config.yaml --direct gh-1 fan on=false --wait",
+    )
+    csend.add_argument("device", metavar="DEVICE", help="the device id")
+    csend.add_argument("name", metavar="NAME", help="the command name, e.g. fan")
+    csend.add_argument("params", metavar="KEY=VALUE", nargs="*", help="command parameters")
+    csend.add_argument("--wait", action="store_true", help="wait for the device's ack and print the outcome")
+    csend.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=60.0,
+        metavar="S",
+        help="with --wait: how long to wait for the outcome, e.g. 30s or 2m (default 60s)",
+    )
+    csend.add_argument(
+        "--ttl",
+        type=parse_duration,
+        default=None,
+        metavar="S",
+        help="how long the command may wait to be sent, e.g. 5m (default: commands.ttl of the gateway)",
+    )
+    csend.add_argument(
+        "--direct",
+        action="store_true",
+        help="no gateway: publish straight to the broker of -c's config (mqtt.url) and wait for the ack "
+        "here; the allow-list of its devices.file still applies, but nothing is recorded in the store",
+    )
+    csend.add_argument("--json", action="store_true", help="print the command and its state as JSON")
+    _endpoint_arguments(csend, None)
+    csend.set_defaults(func=cmd_command_send)
+    clist = command_sub.add_parser(
+        "list",
+        help="list pending and recent commands",
+        description="List the commands a running gateway is working on or finished recently (the last "
+        "1,000): id, device, name, status, publish attempts, age and detail.",
+    )
+    clist.add_argument("--json", action="store_true", help="print the commands as one JSON list")
+    _endpoint_arguments(clist, None)
+    clist.set_defaults(func=cmd_command_list)
     return parser
 
 

@@ -4,34 +4,77 @@ Routes: `GET /metrics`, `GET /healthz`, `GET /status`, `GET /alarms` (the raised
 list), `GET /devices` (devices with type, status, last seen, rate and alarm count, a JSON list) and `POST /alarms/ack` with a JSON body `{"rule": ..., "device": ...}` (200 with the alarm,
 404 if no such alarm is raised, 400 for a malformed body).
 
+Commands: `POST /commands` with `{"device": ..., "name": ..., "params": {...}, "ttl": S, "wait": S}`
+(`params`, `ttl` and `wait` optional) sends a command and, with `wait`, holds the answer up to that
+many seconds for the outcome. It answers with the command as JSON (`id`, `status`, `detail`, ...):
+200 when the outcome is known (`ok`, `error`, `timed_out`, `expired`), 202 while it is still
+`queued` or `sent`, 422 when it was `rejected` (not on the allow-list, a bound reached, ...), 400
+for a malformed body. `GET /commands` lists pending and recently finished commands. With a command
+token configured (`commands.token`), `POST /commands` needs `Authorization: Bearer <token>`; a
+request without it gets 401 and its command is audited as `rejected`.
+
 Hand-written on asyncio streams because it serves a few fixed routes to a scraper and the CLI; a web
-framework would be the largest dependency in the gateway for that. The one request body it accepts
-is bounded (`MAX_BODY`, read only after its declared length is checked) and must be a JSON object.
+framework would be the largest dependency in the gateway for that. Request bodies are bounded
+(`MAX_BODY`, `MAX_COMMAND_BODY`, read only after the declared length is checked) and must be JSON objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_LINE = 8_192
 MAX_BODY = 4_096  # an ack body is two ids; anything near this is not one
+MAX_COMMAND_BODY = 16_384  # a command with its params
+MAX_COMMAND_WAIT = 3_600.0  # seconds a `POST /commands` may hold the connection for the outcome
 READ_TIMEOUT = 5.0
-_NOT_FOUND_TEXT = "try /metrics, /healthz, /status, /alarms or /devices\n"
+_NOT_FOUND_TEXT = "try /metrics, /healthz, /status, /alarms, /devices or /commands\n"
+_COMMAND_KEYS = {"device", "name", "params", "ttl", "wait"}
+_PENDING_STATES = ("queued", "sent")
 
 AlarmList = Callable[[], list[dict[str, Any]]]
 DeviceList = Callable[[], list[dict[str, Any]]]
 Acknowledge = Callable[[str, str], Mapping[str, Any] | None]
+
+
+class CommandService(Protocol):
+    """Sends commands and lists them (gateway.commands.CommandDispatcher)."""
+
+    async def submit(
+        self, device_id: str, name: str, params: Mapping[str, Any], *, ttl: float | None, wait: float
+    ) -> dict[str, Any]:
+        """Send a command, wait up to `wait` seconds for its outcome, return it as plain data."""
+        ...
+
+    def refuse(self, device_id: str, name: str, params: Mapping[str, Any], reason: str) -> dict[str, Any]:
+        """Audit a command refused before it was looked at (e.g. unauthorised), return it as plain data."""
+        ...
+
+    def list_commands(self) -> list[dict[str, Any]]:
+        """Return pending and recently finished commands as plain data."""
+        ...
+
 
 # name -> (type, help); counters are monotonic, gauges go up and down
 METRICS: dict[str, tuple[str, str]] = {
     "received": ("counter", "Telemetry messages delivered by the broker"),
     "written": ("counter", "Telemetry messages whose points are all stored (and acked)"),
     "rejected": ("counter", "Telemetry messages rejected with a reason (dead-lettered)"),
+    "messages_stored": ("counter", "Telemetry messages whose points were all written to the store"),
+    "messages_spooled": ("counter", "Telemetry messages acked with points in the spool (store failing)"),
+    "messages_dead_lettered": ("counter", "Telemetry messages with points the store refused (dead-lettered)"),
+    "in_flight": ("gauge", "Telemetry messages received and not yet handed off (unacked)"),
+    "seq_gaps": ("counter", "Runs of seqs a device skipped (messages lost before the gateway)"),
+    "seq_missing": ("counter", "Seqs in those runs"),
+    "seq_late": ("counter", "Seqs reported missing that arrived later, out of order"),
+    "seq_gaps_unverified": ("counter", "Seq jumps after a crash restart (the previous run may have them)"),
+    "late_events": ("counter", "Events too late for windowed rules (stored, not evaluated by them)"),
     "duplicates": ("counter", "Redelivered events (same device and seq), stored again but not re-evaluated"),
     "events": ("counter", "Telemetry events decoded"),
     "stored": ("counter", "Telemetry events stored"),
@@ -42,6 +85,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "commands_failed": ("counter", "Commands acked with status error"),
     "commands_timed_out": ("counter", "Commands without an ack in time"),
     "commands_rejected": ("counter", "Commands refused before sending"),
+    "commands_expired": ("counter", "Commands whose TTL passed before they could be sent"),
+    "commands_retries": ("counter", "Commands published again (same id) after no ack"),
+    "commands_queued": ("counter", "Commands that waited before their first publish"),
+    "command_acks_unmatched": ("counter", "Acks matching no pending command (unknown or late)"),
+    "commands_pending": ("gauge", "Commands queued or awaiting an ack"),
+    "commands_waiting": ("gauge", "Commands queued, not yet sent"),
     "points_rejected": ("counter", "Points the store refused for good"),
     "dead_letter_records": ("counter", "Records written to the dead-letter file"),
     "store_retries": ("counter", "Store writes retried"),
@@ -85,7 +134,7 @@ class _BadRequest(Exception):
         self.message = message
 
 
-def _content_length(head: bytes) -> int:
+def _content_length(head: bytes, limit: int = MAX_BODY) -> int:
     """Return the declared body length from the request head, or raise `_BadRequest`."""
     for line in head.split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
@@ -94,8 +143,8 @@ def _content_length(head: bytes) -> int:
             if not text.isdigit() or len(text) > 9:
                 raise _BadRequest("400 Bad Request", "invalid Content-Length")
             length = int(text)
-            if length > MAX_BODY:
-                raise _BadRequest("413 Content Too Large", f"body larger than {MAX_BODY} bytes")
+            if length > limit:
+                raise _BadRequest("413 Content Too Large", f"body larger than {limit} bytes")
             return length
     raise _BadRequest("411 Length Required", "send the JSON body with a Content-Length")
 
@@ -114,6 +163,46 @@ def _parse_ack_body(body: bytes) -> tuple[str, str]:
     return rule, device
 
 
+def _bearer_token(head: bytes) -> str | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip().decode("latin-1")
+    return None
+
+
+def _parse_command_body(body: bytes) -> tuple[str, str, dict[str, Any], float | None, float]:
+    """Return (device, name, params, ttl, wait) from a `POST /commands` body, or raise `_BadRequest`."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _BadRequest("400 Bad Request", "the body is not JSON") from None
+    expected = '{"device": "<id>", "name": "<command>", "params": {...}, "ttl": <s>, "wait": <s>}'
+    if not isinstance(data, dict) or not {"device", "name"} <= set(data) or not set(data) <= _COMMAND_KEYS:
+        raise _BadRequest("400 Bad Request", f"expected {expected}")
+    device, name, params = data["device"], data["name"], data.get("params", {})
+    if not isinstance(device, str) or not isinstance(name, str) or not device or not name:
+        raise _BadRequest("400 Bad Request", "device and name must be non-empty text")
+    if not isinstance(params, dict):
+        raise _BadRequest("400 Bad Request", "params must be a JSON object")
+    ttl, wait = data.get("ttl"), data.get("wait", 0)
+    if ttl is not None and not _positive_number(ttl):
+        raise _BadRequest("400 Bad Request", "ttl must be a number of seconds greater than 0")
+    if not _positive_number(wait, zero=True) or wait > MAX_COMMAND_WAIT:
+        raise _BadRequest(
+            "400 Bad Request", f"wait must be a number of seconds from 0 to {MAX_COMMAND_WAIT:g}"
+        )
+    return device, name, params, None if ttl is None else float(ttl), float(wait)
+
+
+def _positive_number(value: object, *, zero: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value >= 0 if zero else value > 0
+
+
 class StatusServer:
     """Serve `/metrics`, `/healthz` and `/status` from a snapshot function, and alarms if given.
 
@@ -122,6 +211,8 @@ class StatusServer:
         alarms: lists the raised alarms (`/alarms` answers 404 without it).
         acknowledge: acknowledges (rule, device), returning the alarm or None if none is raised.
         devices: lists the devices (`/devices` answers 404 without it).
+        commands: sends and lists commands (`/commands` answers 404 without it).
+        command_token: the bearer token `POST /commands` requires (None: no token needed).
     """
 
     def __init__(
@@ -133,12 +224,16 @@ class StatusServer:
         alarms: AlarmList | None = None,
         acknowledge: Acknowledge | None = None,
         devices: DeviceList | None = None,
+        commands: CommandService | None = None,
+        command_token: str | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._snapshot = snapshot
         self._alarms = alarms
         self._acknowledge = acknowledge
         self._devices = devices
+        self._commands = commands
+        self._command_token = command_token
         self.port = port  # the bound port once running (useful with port 0)
 
     async def run(self, started: asyncio.Event | None = None) -> None:
@@ -160,14 +255,42 @@ class StatusServer:
                 body = b""
                 if method == b"POST" and path == b"/alarms/ack" and self._acknowledge is not None:
                     body = await reader.readexactly(_content_length(request))
+                elif method == b"POST" and path == b"/commands" and self._commands is not None:
+                    body = await reader.readexactly(_content_length(request, MAX_COMMAND_BODY))
         except _BadRequest as exc:
             await self._respond(writer, exc.status, "application/json", _error(exc.message))
             return
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
-        status, kind, text = self._route(method, path, body)
+        if path == b"/commands" and method == b"POST" and self._commands is not None:
+            status, kind, text = await self._send_command(self._commands, body, _bearer_token(request))
+        else:
+            status, kind, text = self._route(method, path, body)
         await self._respond(writer, status, kind, text)
+
+    async def _send_command(
+        self, commands: CommandService, body: bytes, token: str | None
+    ) -> tuple[str, str, str]:
+        try:
+            device, name, params, ttl, wait = _parse_command_body(body)
+        except _BadRequest as exc:
+            return exc.status, "application/json", _error(exc.message)
+        expected = self._command_token
+        if expected is not None and (
+            token is None or not hmac.compare_digest(token.encode(), expected.encode())
+        ):
+            reason = "unauthorised: missing or wrong bearer token (commands.token)"
+            view = commands.refuse(device, name, params, reason)
+            return "401 Unauthorized", "application/json", json.dumps({**view, "error": reason}, default=str)
+        view = await commands.submit(device, name, params, ttl=ttl, wait=wait)
+        if view["status"] == "rejected":
+            status = "422 Unprocessable Content"
+        elif view["status"] in _PENDING_STATES:
+            status = "202 Accepted"
+        else:
+            status = "200 OK"
+        return status, "application/json", json.dumps(view, default=str)
 
     def _route(self, method: bytes, path: bytes, body: bytes) -> tuple[str, str, str]:
         if path == b"/alarms/ack" and self._acknowledge is not None:
@@ -202,6 +325,8 @@ class StatusServer:
             return "200 OK", "application/json", json.dumps(self._alarms(), default=str)
         if path == b"/devices" and self._devices is not None:
             return "200 OK", "application/json", json.dumps(self._devices(), default=str)
+        if path == b"/commands" and self._commands is not None:
+            return "200 OK", "application/json", json.dumps(self._commands.list_commands(), default=str)
         return "404 Not Found", "text/plain", _NOT_FOUND_TEXT
 
     async def _respond(self, writer: asyncio.StreamWriter, status: str, kind: str, body: str) -> None:

@@ -8,6 +8,10 @@ forever.
 Device checks cost one dict lookup per message: a registered device's events are checked against
 its type; an unregistered one meets the unknown-device policy (accept, reject or quarantine).
 Status messages (`devices/{id}/status`, birth and last will) go through `on_status`.
+
+The payload format is the message's MQTT 5 content type when it has one (`application/json`,
+`application/senml+json`; any other is rejected), else its device type's `format` (JSON for devices
+not in the registry). The decoder per device is looked up once, at start, into a dict.
 """
 
 from __future__ import annotations
@@ -19,18 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from devices.dedupe import SeqTracker
+from devices.dedupe import SeqGap, SeqTracker
 from devices.errors import PayloadError
 from devices.event import TelemetryEvent
-from devices.payload import PayloadDecoder
+from devices.payload import PayloadDecoder, PayloadFormat, TelemetryDecoder, content_type_format
 from devices.registry import DeviceRegistry, UnknownDevicePolicy
+from devices.senml import SenmlDecoder
 from devices.status import DeviceTracker, decode_status
 from devices.topic import TopicScheme
 from gateway.commands import CommandDispatcher
 from gateway.deadletter import DeadLetterFile
-from gateway.records import alert_point, device_status_point, quarantine_point, telemetry_point
+from gateway.records import alert_point, device_status_point, quarantine_point, seq_gap_point, telemetry_point
 from gateway.store.base import Point
-from rules.action import Action, RecordAlert
+from gateway.store.batcher import HandOff
+from rules.action import Action, RecordAlert, SendCommand
 from rules.engine import RuleEngine
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,18 @@ class IngestStats:
     backpressure_pauses: int = 0
     quarantined: int = 0  # messages from unregistered devices stored apart (policy quarantine)
     status_changes: int = 0  # device online/offline changes recorded
+    # Each telemetry message ends in exactly one of: rejected, or (once handed off and acked, which
+    # `written` counts) messages_stored, messages_spooled or messages_dead_lettered; until then it is
+    # in_flight. So received = messages_stored + messages_spooled + messages_dead_lettered + rejected
+    # + in_flight at every moment (redeliveries count again each time).
+    messages_stored: int = 0  # every point written to the store
+    messages_spooled: int = 0  # some points in the spool (the store was failing), none refused
+    messages_dead_lettered: int = 0  # the store refused some points (dead-letter file); the rest stored
+    in_flight: int = 0  # received, not yet handed off: not acked, the broker will redeliver them
+    seq_gaps: int = 0  # runs of seqs a device skipped (see devices/dedupe.py)
+    seq_missing: int = 0  # seqs in those runs
+    seq_late: int = 0  # seqs reported missing that arrived afterwards, out of order
+    seq_gaps_unverified: int = 0  # jumps right after a crash restart: the crashed run may have stored them
 
 
 class TelemetryIngest:
@@ -109,6 +127,7 @@ class TelemetryIngest:
         registry: DeviceRegistry | None = None,
         unknown_devices: UnknownDevicePolicy = "accept",
         status_topics: TopicScheme | None = None,
+        hand_off: Callable[[], HandOff] | None = None,
     ) -> None:
         self._topics = topics
         self._decoder = decoder
@@ -123,12 +142,32 @@ class TelemetryIngest:
         self._paused = asyncio.Event()
         self.stats = IngestStats()
         self._seqs = SeqTracker()
+        # How the points of the message being acked were handed off (BatchWriter.current_hand_off);
+        # without it every message counts as stored.
+        self._hand_off_of = hand_off
         # The last event of up to `latest_limit` devices, for live views (the demo). Off by default:
         # a copy of every device's fields costs ~1 KB per device at fleet scale.
         self.latest: dict[str, TelemetryEvent] = {}
         self.latest_limit = 0
         self.registry = registry if registry is not None else DeviceRegistry.empty()
         self._validators = self.registry.validators
+        # Runs the actions that are neither alerts nor commands (set by the gateway: gateway.actions).
+        self.run_action: Callable[[Action, list[Point]], None] | None = None
+        self._by_format: dict[PayloadFormat, TelemetryDecoder] = {
+            "json": decoder,
+            "senml": SenmlDecoder(
+                max_bytes=decoder.max_bytes,
+                max_batch=decoder.max_batch,
+                max_fields=decoder.max_fields,
+                max_string=decoder.max_string,
+            ),
+        }
+        # Only devices whose type is not JSON: the common case stays one failed dict lookup.
+        self._decoders: dict[str, TelemetryDecoder] = {
+            entry.id: self._by_format[self.registry.types[entry.type].format]
+            for entry in self.registry.devices.values()
+            if self.registry.types[entry.type].format != "json"
+        }
         self._unknown = unknown_devices
         self._status_topics = status_topics
         self.tracker = DeviceTracker()
@@ -146,11 +185,18 @@ class TelemetryIngest:
         now = self._clock()
         topic = message.topic
         device_id = self._topics.device_id(topic)
+        events: list[TelemetryEvent] = []
         try:
             if device_id is None:
                 raise PayloadError(f"topic {topic[:120]!r} does not match {self._topics.template!r}")
             self.tracker.seen(device_id, now)
-            events = self._decoder.decode(device_id, message.payload, now)
+            properties = getattr(message, "properties", None)  # None on MQTT 3.1.1 connections
+            content_type = getattr(properties, "ContentType", None)
+            if content_type is not None:
+                decoder = self._by_format[content_type_format(content_type)]
+            else:
+                decoder = self._decoders.get(device_id, self._decoder)
+            events = decoder.decode(device_id, message.payload, now)
             validator = self._validators.get(device_id)
             if validator is not None:
                 for event in events:
@@ -161,6 +207,9 @@ class TelemetryIngest:
                 self._quarantine(message, device_id, events)
                 return
         except PayloadError as exc:
+            for event in events:  # decoded, then refused: dead-lettered with a reason, not missing
+                if event.seq is not None:
+                    self._track_seq(event.device_id, event.seq, event.ts)
             self._reject(message, topic, device_id, exc.reason, now)
             return
         points: list[Point] = []
@@ -169,7 +218,7 @@ class TelemetryIngest:
             if keep_latest:
                 self.latest[device_id] = event
             points.append(telemetry_point(event))  # a redelivery rewrites the same point: idempotent
-            if event.seq is not None and not self._seqs.first_time(device_id, event.seq):
+            if event.seq is not None and not self._track_seq(device_id, event.seq, event.ts):
                 stats.duplicates += 1  # already evaluated: rules and commands fire once per message
                 continue
             actions = self._engine.process(event, now)
@@ -177,6 +226,41 @@ class TelemetryIngest:
                 self.execute(actions, points)
         stats.events += len(events)
         self._hand_off(points, self._ack_after_write(message.mid, message.qos, len(events)))
+
+    def _track_seq(self, device_id: str, seq: int, ts: float) -> bool:
+        """Record the seq; count and record a gap it reveals; return False for a redelivery."""
+        seen = self._seqs.observe(device_id, seq)
+        if seen.gap is not None:
+            self._record_gap(seen.gap, ts)
+        elif seen.late:
+            self.stats.seq_late += 1
+        return seen.new
+
+    def _record_gap(self, gap: SeqGap, ts: float) -> None:
+        stats = self.stats
+        if gap.verified:
+            stats.seq_gaps += 1
+            stats.seq_missing += gap.missing
+            log.warning(
+                "device %s skipped seq %d..%d (%d missing)",
+                gap.device_id,
+                gap.first,
+                gap.last,
+                gap.missing,
+                extra={"device_id": gap.device_id},
+            )
+        else:
+            stats.seq_gaps_unverified += 1
+            log.info(
+                "device %s jumped over seq %d..%d after a restart from a checkpoint older than what the "
+                "previous run stored; not counted as missing",
+                gap.device_id,
+                gap.first,
+                gap.last,
+                extra={"device_id": gap.device_id},
+            )
+        # Timed like the message that revealed it: a redelivery of that message rewrites the same point.
+        self._sink.add([seq_gap_point(gap, ts)])
 
     def _hand_off(self, points: list[Point], on_written: Callable[[], None]) -> None:
         self._sink.add(points, on_written)
@@ -229,15 +313,29 @@ class TelemetryIngest:
                 else:
                     self.stats.alerts_cleared += 1
                 points.append(alert_point(action))
-            else:
+            elif isinstance(action, SendCommand):
                 self._commands.send(action.device_id, action.name, action.params, rule_id=action.rule_id)
+            elif self.run_action is not None:  # republish, webhook, derived point (gateway.actions)
+                self.run_action(action, points)
+            else:
+                raise TypeError(f"no runner for rule action {type(action).__name__}")
 
     def _ack_after_write(self, mid: int, qos: int, events: int) -> Callable[[], None]:
         generation = self._mqtt.generation
+        stats = self.stats
+        stats.in_flight += 1
 
         def written() -> None:
-            self.stats.written += 1
-            self.stats.events_written += events
+            stats.in_flight -= 1
+            stats.written += 1
+            stats.events_written += events
+            outcome = self._hand_off_of() if self._hand_off_of is not None else HandOff.STORED
+            if outcome is HandOff.STORED:
+                stats.messages_stored += 1
+            elif outcome is HandOff.SPOOLED:
+                stats.messages_spooled += 1
+            else:
+                stats.messages_dead_lettered += 1
             self._mqtt.ack(mid, qos, generation)
 
         return written

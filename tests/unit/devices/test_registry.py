@@ -159,3 +159,184 @@ def test_open_ranges() -> None:
     reg.validators["a"].check(TelemetryEvent("a", 1.0, {"x": 1e300}))
     with pytest.raises(PayloadError, match=r"\[0, inf\]"):
         reg.validators["a"].check(TelemetryEvent("a", 1.0, {"x": -0.5}))
+
+
+# -- commands: the allow-list each device type declares ------------------------------------------------
+
+COMMANDS = """\
+types:
+  greenhouse:
+    fields:
+      temperature: {type: number}
+    commands:
+      fan: {params: {on: {type: bool}}}
+      mode: {params: {speed: {type: string, enum: [off, low, high]}}}
+      setpoint: {params: {celsius: {type: number, min: 5, max: 35}, hold: {type: integer, required: false}}}
+      reboot: {}
+  meter:
+    fields:
+      kwh: {type: number}
+devices:
+  - {id: gh-1, type: greenhouse}
+  - {id: m-1, type: meter}
+"""
+
+
+def test_commands_parse_with_yaml_1_2_booleans() -> None:
+    reg = parse_registry(COMMANDS, "devices.yaml")
+    commands = reg.types["greenhouse"].commands
+    assert sorted(commands) == ["fan", "mode", "reboot", "setpoint"]
+    assert list(commands["fan"].params) == ["on"]  # YAML 1.1 would have made the key True
+    assert commands["mode"].params["speed"].enum == ["off", "low", "high"]  # and "off" False
+    assert reg.types["meter"].commands == {}
+
+
+@pytest.mark.parametrize(
+    ("device", "name", "params", "reasons"),
+    [
+        pytest.param("gh-1", "fan", {"on": True}, [], id="ok"),
+        pytest.param("gh-1", "mode", {"speed": "off"}, [], id="enum-ok"),
+        pytest.param("gh-1", "setpoint", {"celsius": 21}, [], id="optional-left-out"),
+        pytest.param("gh-1", "setpoint", {"celsius": 21.5, "hold": 60}, [], id="optional-given"),
+        pytest.param("gh-1", "reboot", {}, [], id="no-params"),
+        pytest.param(
+            "gh-1",
+            "self_destruct",
+            {},
+            [
+                "command 'self_destruct' is not on the allow-list of type 'greenhouse' "
+                "(it accepts: fan, mode, reboot, setpoint)"
+            ],
+            id="unknown-name",
+        ),
+        pytest.param(
+            "m-1",
+            "fan",
+            {"on": True},
+            ["command 'fan' is not on the allow-list of type 'meter' (it accepts no commands)"],
+            id="type-without-commands",
+        ),
+        pytest.param(
+            "stranger", "fan", {"on": True}, ["device 'stranger' is not in the registry"], id="unregistered"
+        ),
+        pytest.param("gh-1", "fan", {}, ["param 'on' is missing"], id="missing"),
+        pytest.param(
+            "gh-1",
+            "fan",
+            {"on": True, "speed": 3},
+            ["param 'speed' is not a parameter of 'fan' (parameters: on)"],
+            id="extra",
+        ),
+        pytest.param(
+            "gh-1", "fan", {"on": 1}, ["param 'on': expected a bool, got number 1"], id="number-for-bool"
+        ),
+        pytest.param(
+            "gh-1",
+            "fan",
+            {"on": "true"},
+            ["param 'on': expected a bool, got string 'true'"],
+            id="text-for-bool",
+        ),
+        pytest.param(
+            "gh-1",
+            "mode",
+            {"speed": "turbo"},
+            ["param 'speed': 'turbo' is not one of off, low, high"],
+            id="not-in-enum",
+        ),
+        pytest.param(
+            "gh-1",
+            "setpoint",
+            {"celsius": 40},
+            ["param 'celsius': 40 is outside the allowed range [5, 35]"],
+            id="out-of-range",
+        ),
+        pytest.param(
+            "gh-1",
+            "setpoint",
+            {"celsius": True},
+            ["param 'celsius': expected a number, got bool True"],
+            id="bool-for-number",
+        ),
+        pytest.param(
+            "gh-1",
+            "setpoint",
+            {"celsius": float("nan")},
+            ["param 'celsius': expected a finite number, got nan"],
+            id="nan",
+        ),
+        pytest.param(
+            "gh-1",
+            "setpoint",
+            {"celsius": 20, "hold": 1.5},
+            ["param 'hold': expected an integer, got number 1.5"],
+            id="float-for-integer",
+        ),
+        pytest.param(
+            "gh-1",
+            "mode",
+            {"speed": {"x": 1}, "extra": [1]},
+            [
+                "param 'speed': expected a string, got object {\"x\": 1}",
+                "param 'extra' is not a parameter of 'mode' (parameters: speed)",
+            ],
+            id="every-problem-named",
+        ),
+    ],
+)
+def test_the_allow_list(device: str, name: str, params: dict[str, object], reasons: list[str]) -> None:
+    allow = parse_registry(COMMANDS, "devices.yaml").allow_list()
+    assert allow.problems(device, name, params) == reasons
+
+
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
+        pytest.param(
+            "fan: {params: {on: {type: boolean}}}",
+            "devices.yaml:6:33: types.t.commands.fan.params.on.type: "
+            "Input should be 'number', 'integer', 'bool' or 'string'",
+            id="bad-param-type",
+        ),
+        pytest.param(
+            "fan: {parms: {}}",
+            "devices.yaml:6:20: types.t.commands.fan.parms: Extra inputs are not permitted",
+            id="typo",
+        ),
+        pytest.param(
+            "fan: {params: {speed: {type: string, enum: [yes, 2]}}}",
+            "enum value 2: expected a string, got number 2",
+            id="enum-of-wrong-type",
+        ),
+        pytest.param(
+            "fan: {params: {on: {type: bool, min: 0}}}",
+            "min and max apply to number and integer params only, not bool",
+            id="range-on-bool",
+        ),
+        pytest.param(
+            "'bad name!': {}",
+            "types.t.commands.bad name!",
+            id="bad-command-name",
+        ),
+        pytest.param(
+            "fan: {params: {'1x': {type: bool}}}",
+            "types.t.commands.fan.params.1x",
+            id="bad-param-name",
+        ),
+    ],
+)
+def test_command_declaration_problems_are_located(commands: str, expected: str) -> None:
+    text = f"types:\n  t:\n    fields:\n      x: {{type: number}}\n    commands:\n      {commands}\n"
+    with pytest.raises(SourceFileError) as raised:
+        parse_registry(text, "devices.yaml")
+    shown = str(raised.value)
+    assert expected in shown, shown
+
+
+def test_the_example_registry_declares_the_simulator_fan_command() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[3] / "deploy" / "devices.example.yaml").read_text(encoding="utf-8")
+    allow = parse_registry(text, "devices.example.yaml").allow_list()
+    assert allow.problems("sim-0001", "fan", {"on": True}) == []
+    assert allow.problems("cold-1", "defrost", {"enable": False}) == []

@@ -119,6 +119,26 @@ HELP_CASES = [
         ],
         id="query",
     ),
+    pytest.param(["command"], ["usage: tidegate command", "send", "list", "allow-list"], id="command"),
+    pytest.param(
+        ["command", "send"],
+        [
+            "usage: tidegate command send",
+            "DEVICE NAME [KEY=VALUE ...]",
+            "--wait",
+            "--timeout",
+            "--ttl",
+            "--direct",
+            "--url",
+            "exit status: 0 the device acked ok",
+        ],
+        id="command-send",
+    ),
+    pytest.param(
+        ["command", "list"],
+        ["usage: tidegate command list", "--config", "--url", "--json"],
+        id="command-list",
+    ),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -12,9 +13,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from gateway.store.base import Point, RejectedPointsError, Store, StoreError
 from gateway.store.spool import Segment, Spool, SpoolFullError, UnspoolablePointsError
 
-__all__ = ["BatchWriter"]
+__all__ = ["BatchWriter", "HandOff"]
 
 logger = logging.getLogger(__name__)
+
+
+class HandOff(enum.Enum):
+    """How the points of one `add` call were handed off (`BatchWriter.current_hand_off`)."""
+
+    STORED = "stored"  # every point written to the store (or there were none)
+    SPOOLED = "spooled"  # some went to the spool (the store was failing), none refused
+    REFUSED = "refused"  # at least one was refused for good (`on_rejected` has it); the rest handed off
 
 
 class BatchWriter:
@@ -34,7 +43,8 @@ class BatchWriter:
 
     Points a store refuses for good (RejectedPointsError) go to `on_rejected`, the rest count as
     written. `on_written` callbacks (the MQTT PUBACKs) fire in the order they were added, each once
-    all its points are handed off: written, rejected, or fsynced to the spool. When `max_pending`
+    all its points are handed off: written, rejected, or fsynced to the spool; while one runs,
+    `current_hand_off` tells which of those happened to its points. When `max_pending`
     points are held (not yet handed off), `is_full` turns true and the ingest should stop reading
     (`wait_until_not_full`) so the broker holds the backlog.
 
@@ -98,7 +108,11 @@ class BatchWriter:
         # Points are numbered in the order they were added; a callback waits for its last number.
         self._added = 0
         self._done = 0
-        self._callbacks: deque[tuple[int, Callable[[], None]]] = deque()
+        self._callbacks: deque[tuple[int, int, Callable[[], None]]] = deque()  # (first, last, callback)
+        # Where points were refused or spooled, by number, kept until no waiting callback covers them.
+        self._refused_at: deque[int] = deque()
+        self._spooled_ranges: deque[tuple[int, int]] = deque()  # (after, through)
+        self.current_hand_off = HandOff.STORED
         self._wakeup = asyncio.Event()
         self._space = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -149,9 +163,10 @@ class BatchWriter:
                 self._wakeup.set()
         if on_written is not None:
             if self._added == self._done and not self._callbacks:
+                self.current_hand_off = HandOff.STORED
                 on_written()
             else:
-                self._callbacks.append((self._added, on_written))
+                self._callbacks.append((self._added - count, self._added, on_written))
 
     async def wait_until_not_full(self) -> None:
         """Return once fewer than `max_pending` points are held."""
@@ -232,31 +247,68 @@ class BatchWriter:
         # early rather than late, without a timestamp per point.
         if not self._pending:
             self._first_pending_at = None
+        start = self._done
         if self._spool is None:
-            await self._write_in_place(batch)
+            await self._write_in_place(batch, start)
         else:
-            await self._hand_off(batch, self._spool)
+            await self._hand_off(batch, self._spool, start)
         self.batches += 1
         self._done += len(batch)
         callbacks = self._callbacks
-        while callbacks and callbacks[0][0] <= self._done:
-            callbacks.popleft()[1]()
+        while callbacks and callbacks[0][1] <= self._done:
+            first, last, callback = callbacks.popleft()
+            self.current_hand_off = self._outcome(first, last)
+            callback()
+        self._forget_outcomes_through(callbacks[0][0] if callbacks else self._done)
         if not self.is_full:
             self._space.set()
 
-    async def _write_in_place(self, batch: list[Point]) -> None:
+    def _outcome(self, first: int, last: int) -> HandOff:
+        """Tell how points `first + 1 .. last` were handed off (all of them are, by now)."""
+        self._forget_outcomes_through(first)
+        if first == last:
+            return HandOff.STORED
+        if self._refused_at and self._refused_at[0] <= last:
+            return HandOff.REFUSED
+        if self._spooled_ranges and self._spooled_ranges[0][0] < last:
+            return HandOff.SPOOLED
+        return HandOff.STORED
+
+    def _forget_outcomes_through(self, number: int) -> None:
+        # Callbacks fire in order and cover ever later numbers: what is at or below `number`
+        # concerns none of those still waiting.
+        refused, spooled = self._refused_at, self._spooled_ranges
+        while refused and refused[0] <= number:
+            refused.popleft()
+        while spooled and spooled[0][1] <= number:
+            spooled.popleft()
+
+    def _note_refused(self, refused: Sequence[Point], batch: Sequence[Point], start: int) -> None:
+        """Remember the numbers of `refused` points, taken from `batch` (numbered from `start` + 1)."""
+        index = {id(point): start + i for i, point in enumerate(batch, 1)}
+        numbers = []
+        for point in refused:
+            number = index.get(id(point))
+            if number is None:  # a store that handed back copies: find them by value
+                number = next((start + i for i, p in enumerate(batch, 1) if p == point), None)
+            if number is not None:
+                numbers.append(number)
+        self._refused_at.extend(sorted(numbers))
+
+    async def _write_in_place(self, batch: list[Point], start: int) -> None:
         attempt = 0
-        while not await self._try_write(batch):
+        while not await self._try_write(batch, start):
             attempt = await self._back_off(attempt, len(batch))
 
-    async def _hand_off(self, batch: list[Point], spool: Spool) -> None:
+    async def _hand_off(self, batch: list[Point], spool: Spool, start: int) -> None:
         """Write the batch to the store, or to the spool once the store fails or the spool holds anything."""
         attempt = 0
+        numbered = batch  # as numbered, before points the spool cannot hold are taken out
         while True:
             # An empty spool means every earlier batch is in the store, so this one may go straight
             # there; otherwise it must queue behind them.
             if spool.empty:
-                if await self._try_write(batch):
+                if await self._try_write(batch, start, numbered):
                     return
                 logger.warning(
                     "store write of %d points failed, spooling them: %s", len(batch), self.last_error
@@ -278,6 +330,7 @@ class BatchWriter:
             except UnspoolablePointsError as err:
                 # No store takes these either (line protocol integers are 64-bit); the rest go on.
                 bad = {id(point) for point in err.points}
+                self._note_refused(err.points, numbered, start)
                 self.rejected += len(bad)
                 self.last_error = err.reason
                 logger.warning("refusing %d of %d points: %s", len(bad), len(batch), err.reason)
@@ -300,13 +353,23 @@ class BatchWriter:
                 self._spool_full = False
                 logger.info("the spool has room again after %d wait(s)", self.spool_full_waits)
             self.spooled += len(batch)
+            self._spooled_ranges.append((start, start + len(numbered)))
             return
 
-    async def _try_write(self, batch: list[Point]) -> bool:
-        """Write a batch once; return False when it should be tried again later."""
+    async def _try_write(
+        self, batch: list[Point], start: int | None = None, numbered: list[Point] | None = None
+    ) -> bool:
+        """Write a batch once; return False when it should be tried again later.
+
+        `start` numbers a new batch's points (from `start` + 1, as in `numbered` when points were
+        taken out of it) so that refusals reach the right callbacks; the drain passes None: its
+        points were handed off (spooled) long ago.
+        """
         try:
             await self._store.write(batch)
         except RejectedPointsError as err:
+            if start is not None:
+                self._note_refused(err.rejected, batch if numbered is None else numbered, start)
             self._rejected(err, len(batch))
         except StoreError as err:
             # RetryableStoreError, or a store error of unknown kind: retrying keeps the points,

@@ -383,7 +383,8 @@ def _outgoing(gateway: Gateway) -> dict[str, int]:
     """Return commands awaiting a device ack, and QoS 1 publishes paho still holds (sent or queued)."""
     client = getattr(gateway.mqtt, "_client", None)  # diagnostic only: paho's own outgoing queue
     held = getattr(client, "_out_messages", None)
-    return {"awaiting_ack": gateway.commands.pending, "in_paho": len(held) if held is not None else -1}
+    in_client = len(held) if held is not None else getattr(gateway.mqtt, "unconfirmed_publishes", -1)
+    return {"awaiting_ack": gateway.commands.pending, "in_paho": in_client}
 
 
 async def _settle_commands(gateway: Gateway, limit: float) -> float:

@@ -28,7 +28,7 @@ OTHER: Final = "other"
 
 # In data-flow order; the report lists stages in this order.
 STAGES: Final = (
-    "mqtt read+parse (paho)",
+    "mqtt read+parse",
     "mqtt dispatch",
     "ingest",
     "decode (JSON + validate)",
@@ -37,7 +37,7 @@ STAGES: Final = (
     "rules",
     "commands",
     "batcher",
-    "mqtt acks/out (paho)",
+    "mqtt acks/out",
     "line protocol",
     "store HTTP (httpx)",
     "store (null)",
@@ -81,17 +81,7 @@ _PAHO_OUT: Final = frozenset(
     }
 )
 _PAHO_DISPATCH: Final = frozenset({"_handle_on_message", "iter_match", "topic", "topic_matches_sub"})
-_GATEWAY_MQTT_OUT: Final = frozenset(
-    {
-        "ack",
-        "publish",
-        "_call_in_loop",
-        "_on_socket_register_write",
-        "_add_writer",
-        "_on_socket_unregister_write",
-        "_remove_writer",
-    }
-)
+_GATEWAY_MQTT_OUT: Final = frozenset({"ack", "publish", "_flush_acks", "write"})
 _BENCH_HOT: Final = frozenset({"write", "first_message"})  # TimingStore.write, the window hook
 _HTTP_PACKAGES: Final = ("/httpx/", "/httpcore/", "/h11/", "/anyio/", "/sniffio/", "/idna/")
 
@@ -101,10 +91,10 @@ def classify(filename: str, function: str) -> str | None:
     path = filename.replace("\\", "/")
     if "/paho/mqtt/" in path:
         if function in _PAHO_OUT:
-            return "mqtt acks/out (paho)"
+            return "mqtt acks/out"
         if function in _PAHO_DISPATCH or path.endswith("/matcher.py"):
             return "mqtt dispatch"
-        return "mqtt read+parse (paho)"
+        return "mqtt read+parse"
     if path.startswith(_ROOT):
         relative = path[len(_ROOT) :]
         if relative.startswith("bench/"):
@@ -114,10 +104,10 @@ def classify(filename: str, function: str) -> str | None:
                 return GC
             # only the measuring code on the hot path; the harness around the loop is transparent
             return "bench timing wrapper" if function in _BENCH_HOT else None
+        if relative == "gateway/mqttcodec.py":
+            return "mqtt read+parse"
         if relative == "gateway/mqtt.py":
-            if function in _GATEWAY_MQTT_OUT:
-                return "mqtt acks/out (paho)"
-            return "mqtt read+parse (paho)" if function == "_read" else "mqtt dispatch"
+            return "mqtt acks/out" if function in _GATEWAY_MQTT_OUT else "mqtt dispatch"
         if relative.startswith("rules/"):
             return "rules"
         stage = _PROJECT_FILES.get(relative)

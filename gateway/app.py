@@ -28,13 +28,14 @@ from gateway.deadletter import DeadLetterFile
 from gateway.devicefile import read_device_file
 from gateway.httpapi import StatusServer
 from gateway.ingest import TelemetryIngest
-from gateway.mqtt import MqttConnection, Subscription, TlsOptions
+from gateway.mqtt import MqttClient, Subscription
 from gateway.records import ALERTS, session_loss_point
 from gateway.rulefiles import read_rule_dir, rule_files_fingerprint
 from gateway.runstate import RunState, read_run_state, run_state_path, write_run_state
 from gateway.store.base import Point, RejectedPointsError, Store
 from gateway.store.batcher import BatchWriter
 from gateway.store.spool import Spool, SpoolStats
+from gateway.tls import TlsOptions
 from rules import AlarmStatus, RuleEngine, RuleSet, build_rule_set
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class Gateway:
         self._acks = TopicScheme(topics.command_acks)
         status_topics = self._status_topics = TopicScheme(topics.status)
         mqtt = settings.mqtt
-        self.mqtt = MqttConnection(
+        self.mqtt = MqttClient(
             host=mqtt.host,
             port=mqtt.port,
             client_id=mqtt.client_id,
@@ -252,6 +253,7 @@ class Gateway:
             settings.spool.dir if settings.spool.enabled else None,
         )
         self._previous_run: RunState | None = None
+        self._run_state_write: asyncio.Future[bool] | None = None
         self.points_rejected = 0
         self.status_server: StatusServer | None = None
         self.ready = asyncio.Event()
@@ -390,12 +392,10 @@ class Gateway:
         key = (rule_id, device_id)
         if self._acknowledged.get(key) != alarm.since:
             self._acknowledged[key] = alarm.since
-            tags = (
-                ("device", device_id),
-                ("rule", rule_id),
-                ("severity", alarm.severity),
-                ("state", "acknowledged"),
-            )
+            subject: tuple[tuple[str, str], ...] = (("device", device_id),)
+            if alarm.group is not None:  # a group rule's alarm is recorded by group, as when raised
+                subject = (("group", alarm.group[1]), ("group_by", alarm.group[0]))
+            tags = (*subject, ("rule", rule_id), ("severity", alarm.severity), ("state", "acknowledged"))
             self.writer.add([Point(ALERTS, tags, {"message": ACKNOWLEDGED_MESSAGE}, self._clock())])
             log.info("alarm acknowledged: rule %s, device %s", rule_id, device_id)
         return {
@@ -556,7 +556,7 @@ class Gateway:
             fresh = self._run_state(
                 session=previous.session, connected_until=previous.connected_until, clean_stop=False
             )
-        await asyncio.to_thread(write_run_state, path, fresh)
+        await self._save_run_state(path, fresh)
         return previous
 
     async def _remember_session(self) -> None:
@@ -566,7 +566,7 @@ class Gateway:
             return
         await self.mqtt.connected.wait()
         state = self._run_state(session=True, connected_until=self._clock(), clean_stop=False)
-        await asyncio.to_thread(write_run_state, path, state)
+        await self._save_run_state(path, state)
 
     async def _end_run(self, clean: bool) -> None:
         """Record how this run stopped, and until when it had its session."""
@@ -582,7 +582,15 @@ class Gateway:
         else:
             session, until = False, None
         state = self._run_state(session=session, connected_until=until, clean_stop=clean)
-        await asyncio.to_thread(write_run_state, path, state)
+        await self._save_run_state(path, state)
+
+    async def _save_run_state(self, path: Path, state: RunState) -> None:
+        # One write at a time, in order: a write whose caller was cancelled runs on in its thread.
+        previous = self._run_state_write
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        self._run_state_write = asyncio.ensure_future(asyncio.to_thread(write_run_state, path, state))
+        await asyncio.shield(self._run_state_write)
 
     def snapshot(self) -> dict[str, Any]:
         """Return the gateway's counters as plain data (for status, metrics and the demo)."""
@@ -600,7 +608,6 @@ class Gateway:
             "seq_missing": ingest.seq_missing,
             "seq_late": ingest.seq_late,
             "seq_gaps_unverified": ingest.seq_gaps_unverified,
-            "late_events": self.engine.late_events,
             "events": ingest.events,
             "duplicates": ingest.duplicates,
             "pending_points": self.writer.pending,
@@ -637,6 +644,18 @@ class Gateway:
             "rules_loaded": len(self.engine.rule_set),
             "rule_reloads": self.rule_reloads,
             "rule_reload_failures": self.rule_reload_failures,
+            "rule_late_events": self.engine.late_events,
+            "rule_evaluation_errors": self.engine.evaluation_errors,
+            "rule_actions_suppressed": self.engine.suppressed_commands,
+            "rule_actions_failed": self.actions.stats.failed_actions,
+            "republished": self.actions.stats.republished,
+            "republish_failures": self.actions.stats.republish_failures,
+            "webhooks_sent": self.actions.webhooks.stats.sent,
+            "webhooks_failed": self.actions.webhooks.stats.failed,
+            "webhooks_dropped": self.actions.webhooks.stats.dropped,
+            "webhooks_retries": self.actions.webhooks.stats.retries,
+            "webhooks_queued": self.actions.webhooks.queued,
+            "derived_points": self.actions.stats.derived_points,
             "checkpoints_written": self.checkpointer.written if self.checkpointer is not None else 0,
             "checkpoint_failures": self.checkpointer.failures if self.checkpointer is not None else 0,
             "devices_quarantined": ingest.quarantined,

@@ -190,7 +190,7 @@ class _OneShotClient:
         if mqtt.username is not None:
             self.client.username_pw_set(mqtt.username, password.get_secret_value() if password else None)
         if mqtt.tls_enabled:
-            from gateway.mqtt import TlsOptions, tls_context
+            from gateway.tls import TlsOptions, tls_context
 
             tls = mqtt.tls
             self.client.tls_set_context(

@@ -60,7 +60,7 @@ class CommandChannel(Protocol):
 
 
 class Mqtt5CommandChannel(Protocol):
-    """A channel that can attach MQTT 5 publish properties (gateway.mqtt.MqttConnection)."""
+    """A channel that can attach MQTT 5 publish properties (gateway.mqtt.MqttClient)."""
 
     def publish(
         self,

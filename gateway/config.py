@@ -327,6 +327,21 @@ class DevicesSettings(_Section):
     unknown: Literal["accept", "reject", "quarantine"] = "accept"
 
 
+class ActionSettings(_Section):
+    """Rule actions that leave the gateway other than commands: webhooks (see gateway/actions.py).
+
+    A webhook is POSTed within `webhook_timeout` seconds, tried at most `webhook_attempts` times
+    (first retry after `webhook_backoff` seconds, doubling), `webhook_workers` at a time; at most
+    `webhook_queue` wait, and more are dropped, counted and logged rather than slow down ingest.
+    """
+
+    webhook_timeout: float = Field(5.0, gt=0)
+    webhook_attempts: int = Field(3, ge=1, le=10)
+    webhook_backoff: float = Field(1.0, gt=0)
+    webhook_workers: int = Field(4, ge=1, le=64)
+    webhook_queue: int = Field(1_000, ge=1)
+
+
 class Settings(_Section):
     """The whole gateway configuration."""
 
@@ -340,6 +355,7 @@ class Settings(_Section):
     spool: SpoolSettings = SpoolSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     devices: DevicesSettings = DevicesSettings()
+    actions: ActionSettings = ActionSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -422,7 +438,7 @@ def _check_mqtt_files(
     mqtt: MqttSettings, doc: LocatedDocument | None, overrides: Mapping[str, Any], file: str
 ) -> None:
     """Read the password file and load the TLS files now, so a bad one is reported at its key."""
-    from gateway.mqtt import TlsOptions, tls_context  # paho and ssl: only when there is TLS to check
+    from gateway.tls import TlsOptions, tls_context  # ssl: only when there is TLS to check
 
     problems: list[Problem] = []
     try:

@@ -164,7 +164,7 @@ def test_s2_the_password_never_appears_in_logs_status_metrics_or_config_check(
     assert main(["config", "check", str(bad_inline)]) == 1
 
     output = capsys.readouterr()
-    paho_lines = [r for r in caplog.records if r.name == "gateway.mqtt.paho"]
+    paho_lines = [r for r in caplog.records if r.name == "gateway.mqtt.trace"]
     assert any("Sending CONNECT" in r.getMessage() for r in paho_lines)  # paho's DEBUG trace was captured
     assert "********" in output.out  # --show masks the password instead of leaving it out
     texts = {

@@ -74,7 +74,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "seq_missing": ("counter", "Seqs in those runs"),
     "seq_late": ("counter", "Seqs reported missing that arrived later, out of order"),
     "seq_gaps_unverified": ("counter", "Seq jumps after a crash restart (the previous run may have them)"),
-    "late_events": ("counter", "Events too late for windowed rules (stored, not evaluated by them)"),
+    "rule_late_events": ("counter", "Events too late for windowed rules (stored, not evaluated by them)"),
     "duplicates": ("counter", "Redelivered events (same device and seq), stored again but not re-evaluated"),
     "events": ("counter", "Telemetry events decoded"),
     "stored": ("counter", "Telemetry events stored"),

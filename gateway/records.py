@@ -69,7 +69,7 @@ def alert_point(alert: RecordAlert) -> Point:
     for name, value in alert.values.items():
         if name != "message":
             fields[name] = value
-    subject = (("device", alert.device_id),)
+    subject: tuple[tuple[str, str], ...] = (("device", alert.device_id),)
     if alert.group is not None:  # a group rule's alarm: the group, not a device
         subject = (("group", alert.group[1]), ("group_by", alert.group[0]))
     tags = (*subject, ("rule", alert.rule_id), ("severity", alert.severity), ("state", alert.state))

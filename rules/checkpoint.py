@@ -4,16 +4,23 @@
 that `json.dumps` can write; `RuleEngine.restore(data, now)` takes it back. Floats may be infinite
 (an empty window's min and max), which Python's `json` writes as `Infinity` and reads back.
 
-Layout (version 1)::
+Layout (version 2)::
 
-    {"format": "tidegate-rules-state", "version": 1,
-     "engine": {"start": ..., "newest": {device: ts}, "seen": {device: t}},
-     "rules": {rule_id: {"fingerprint": "<sha256 of the definition>", "alerts": bool,
-                         "severity": ..., "alarms": ..., "timers": [...], ...}}}
+    {"format": "tidegate-rules-state", "version": 2,
+     "engine": {"start": ..., "newest": {device: ts}, "seen": {device: t},
+                "timers": [[due, kind, rule_id, subject], ...]},
+     "rules": {rule_id: {"fingerprint": "<sha256 of the definition>", "kind": "rule" | "derived",
+                         "alerts": bool, "severity": ..., "alarms": {subject: ...},
+                         "states": {subject: {"data": [...], "samples": [...]}}, ...}}}
+
+A subject is a device id, or `<tag>=<value>` for a group. A rule's per-subject `data` is its state
+array (`rules.window`): its own timers and N-of-M bits, then its windows. A derived metric keeps
+its unfinished intervals instead.
 
 Each rule's state carries a fingerprint of its definition. On restore, a rule whose fingerprint is
 unchanged gets its state back; a changed or vanished rule is treated as by a hot reload (see
-`rules.engine`).
+`rules.engine`). A version 1 file (before group rules and derived metrics) is read as if every
+rule had changed: its raised alarms are closed with "rule changed" and the rules start fresh.
 
 CheckpointError (TidegateInputError)   a checkpoint that cannot be restored: corrupt, another
                                        format, or another version; `reason` says which
@@ -30,11 +37,13 @@ from pydantic import BaseModel
 
 from devices.errors import TidegateInputError
 from devices.event import FieldValue
-from rules.expression import Expression
-from rules.model import MessageTemplate, Rule
+from rules.expression import Aggregate, Expression
+from rules.model import ActionTemplate, DerivedMetric, MessageTemplate, Rule
 
 CHECKPOINT_FORMAT: Final = "tidegate-rules-state"
-CHECKPOINT_VERSION: Final = 1
+CHECKPOINT_VERSION: Final = 2
+# Read only to close the alarms it recorded (see the module docstring).
+LEGACY_VERSIONS: Final = (1,)
 
 
 class CheckpointError(TidegateInputError):
@@ -50,7 +59,7 @@ def _plain(value: object) -> object:
     """Return `value` as JSON-able data: models field by field, expressions and templates as text."""
     if isinstance(value, BaseModel):
         return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
-    if isinstance(value, Expression | MessageTemplate):
+    if isinstance(value, Expression | MessageTemplate | ActionTemplate | Aggregate):
         return value.source
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
@@ -61,7 +70,7 @@ def _plain(value: object) -> object:
     raise TypeError(f"cannot fingerprint {type(value).__name__}")
 
 
-def rule_fingerprint(rule: Rule) -> str:
+def rule_fingerprint(rule: Rule | DerivedMetric) -> str:
     """Return a digest of everything that defines `rule`; equal rules give equal fingerprints."""
     text = json.dumps(_plain(rule), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -74,7 +83,7 @@ def check_header(data: object) -> Mapping[str, Any]:
     if data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"not a tidegate rule state file (format {data.get('format')!r})")
     version = data.get("version")
-    if version != CHECKPOINT_VERSION:
+    if version != CHECKPOINT_VERSION and version not in LEGACY_VERSIONS:
         raise CheckpointError(f"version {version!r} is not the supported version {CHECKPOINT_VERSION}")
     rules = data.get("rules")
     if not isinstance(rules, Mapping) or not isinstance(data.get("engine"), Mapping):

@@ -177,6 +177,8 @@ def _truth(value: FieldValue) -> bool:
 _RUNTIME: dict[str, object] = {
     "__builtins__": {},
     "_num": _num,
+    "_str": str,
+    "_bool": bool,
     "_truth": _truth,
     "_abs": abs,
     "_min": min,
@@ -220,7 +222,7 @@ class WindowUse:
 class Expression:
     """A checked, compiled condition; compare and hash by source text."""
 
-    __slots__ = ("fields", "is_false", "is_true", "source", "uses", "windows")
+    __slots__ = ("direct_fields", "fields", "is_false", "is_true", "negative", "source", "uses", "windows")
 
     def __init__(
         self,
@@ -230,19 +232,39 @@ class Expression:
         is_false: Predicate,
         windows: tuple[WindowSpec, ...] = (),
         uses: tuple[WindowUse, ...] = (),
+        direct_fields: tuple[str, ...] | None = None,
+        *,
+        negative: bool = False,
     ) -> None:
         self.source = source
         self.fields = fields  # every field read, in order of first appearance (inside windows too)
+        # the fields read outside windowed functions (a group rule may read none)
+        self.direct_fields = fields if direct_fields is None else direct_fields
         self.is_true = is_true
         self.is_false = is_false
         self.windows = windows
         self.uses = uses
+        self.negative = negative  # `not (source)` of an expression whose text is `source[5:-1]`
 
     def negated(self) -> Expression:
         """Return `not (self)`, sharing the compiled functions."""
         return Expression(
-            f"not ({self.source})", self.fields, self.is_false, self.is_true, self.windows, self.uses
+            f"not ({self.source})",
+            self.fields,
+            self.is_false,
+            self.is_true,
+            self.windows,
+            self.uses,
+            self.direct_fields,
+            negative=True,
         )
+
+    def code(self, variables: dict[str, str], prefix: str = "") -> ExpressionCode:
+        """Return this expression as Python source over shared field locals (see `ExpressionCode`)."""
+        if self.negative:
+            inner = expression_code(self.source[len("not (") : -1], variables, prefix)
+            return ExpressionCode(inner.false, inner.true, inner.fields, inner.calls, inner.windows)
+        return expression_code(self.source, variables, prefix)
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -277,14 +299,28 @@ class _Condition:
 class _Compiler:
     """Check an expression AST against the whitelist and emit Python source for it."""
 
-    def __init__(self, source: str, literals: Mapping[int, _WindowLiteral], *, nested: bool = False) -> None:
+    def __init__(
+        self,
+        source: str,
+        literals: Mapping[int, _WindowLiteral],
+        *,
+        nested: bool = False,
+        variables: dict[str, str] | None = None,
+        prefix: str = "",
+    ) -> None:
         self.source = source
         self.literals = literals  # window literals by byte offset in `source`
         self.nested = nested  # compiling the value inside a windowed call: no windows there
-        self.variables: dict[str, str] = {}  # field name -> local variable in the generated function
+        # field name -> local variable in the generated function; may be shared by several expressions
+        # compiled into one function, which then read each field once
+        self.variables: dict[str, str] = {} if variables is None else variables
+        self.used: dict[str, str] = {}  # the fields this expression reads, in order of first appearance
+        self.direct: dict[str, None] = {}  # ... of those, the ones read outside windowed functions
+        self.prefix = prefix  # for window-call locals, unique per expression within one function
         self.order: dict[str, int] = {}  # local variable -> position, for a stable `is not None` order
         self.windows: dict[tuple[str, bool, float, str], WindowSpec] = {}
         self.calls: dict[tuple[int, str, float | None], str] = {}  # (window, function, q) -> local
+        self.window_code: dict[tuple[str, bool, float, str], str] = {}  # the reading each window takes
         self.uses: list[WindowUse] = []
 
     def error(self, node: ast.AST, reason: str, *, offset: int | None = None) -> ExpressionError:
@@ -310,17 +346,22 @@ class _Compiler:
         gap = self.source.encode()[left.end_col_offset : right.col_offset]
         return left.end_col_offset + len(gap) - len(gap.lstrip(b" \t)"))
 
-    def field(self, node: ast.AST, name: str) -> str:
+    def field(self, node: ast.AST, name: str, *, direct: bool = True) -> str:
         if name in ("true", "false", "null", "none"):
             raise self.error(node, f"{name!r} would be read as a field; write True or False")
         if name in RESERVED_KEYS:
             raise self.error(node, f"{name!r} is not a metric field (it is event metadata)")
         if FIELD_NAME_RE.match(name) is None:
             raise self.error(node, f"{name!r} is not a valid field name")
-        if name not in self.variables:
+        var = self.variables.get(name)
+        if var is None:
             var = self.variables[name] = f"v{len(self.variables)}"
+        if var not in self.order:
             self.order[var] = len(self.order)
-        return self.variables[name]
+        self.used[name] = var
+        if direct:
+            self.direct[name] = None
+        return var
 
     def describe(self, node: ast.AST) -> str:
         if isinstance(node, ast.Constant):
@@ -351,7 +392,9 @@ class _Compiler:
         if isinstance(node, ast.Name):
             var = self.field(node, node.id)
             return _Condition(
-                f"({var} is not None and _truth({var}))", f"({var} is not None and not _truth({var}))"
+                # a bool field (the usual case) is its own truth: no call
+                f"({var} is not None and ({var} if {var}.__class__ is _bool else _truth({var})))",
+                f"({var} is not None and not ({var} if {var}.__class__ is _bool else _truth({var})))",
             )
         if isinstance(node, ast.Constant) and isinstance(node.value, bool):
             return _Condition(repr(node.value), repr(not node.value))
@@ -446,6 +489,11 @@ class _Compiler:
         if value.kind in ("string", "bool"):
             raise self.error(node, f"expected a number, got {self.describe(node)}")
         if value.kind == "any":
+            if value.code.isidentifier():
+                # A local (a field or a window result): test for text inline, since a call to _num for
+                # every number costs more than the rest of a simple comparison.
+                code = f"({value.code} if {value.code}.__class__ is not _str else _num({value.code}))"
+                return _Value(code, "number", value.fields)
             return _Value(f"_num({value.code})", "number", value.fields)
         return value
 
@@ -516,7 +564,8 @@ class _Compiler:
                     node.args[1], "percentile() takes a number from 0 to 100 as its second argument"
                 )
         arg = node.args[0]
-        inner = _Compiler(self.source, self.literals, nested=True)
+        # Shared variables: the reading's code can then run inside the expression's own function.
+        inner = _Compiler(self.source, self.literals, nested=True, variables=self.variables)
         if name == "count_if":
             body = f"1.0 if {inner.condition(arg, depth + 1).true} else None"
         else:
@@ -525,23 +574,25 @@ class _Compiler:
                 f"{var} is not None" for var in sorted(value.fields, key=inner.order.__getitem__)
             )
             body = f"{value.code} if {known} else None" if known else value.code
-        for field_name in inner.variables:
-            self.field(arg, field_name)  # the rule reads these fields too (alert values, skip tests)
+        for field_name in inner.used:
+            # the rule reads these fields too (alert values, skip tests)
+            self.field(arg, field_name, direct=False)
         kind = "if" if name == "count_if" else "value"
         key = (ast.dump(arg), literal.by_count, literal.size, kind)
         spec = self.windows.get(key)
         index = list(self.windows).index(key) if spec is not None else len(self.windows)
         function = "count" if name == "count_if" else name
         if spec is None:
-            extract: Extractor = _build("extract", body, inner.variables)  # type: ignore[assignment]
+            extract: Extractor = _build("extract", body, inner.used)  # type: ignore[assignment]
             spec = WindowSpec(key, literal.by_count, literal.size, extract)
+        self.window_code.setdefault(key, body)
         self.windows[key] = WindowSpec(
             key, spec.by_count, spec.size, spec.extract, spec.functions | {function}
         )
         call = (index, function, q)
         var = self.calls.get(call)
         if var is None:
-            var = self.calls[call] = f"a{len(self.calls)}"
+            var = self.calls[call] = f"{self.prefix}a{len(self.calls)}"
             self.order[var] = len(self.order)
             source = ast.get_source_segment(self.source, node) or name
             self.uses.append(WindowUse(" ".join(source.split()), index, function, q))
@@ -601,8 +652,8 @@ def _int_literal(node: ast.expr) -> int | None:
     return None
 
 
-def compile_expression(source: str) -> Expression:
-    """Check `source` against the whitelist and compile it, or raise `ExpressionError`."""
+def _parse(source: str) -> tuple[ast.Expression, str, dict[int, _WindowLiteral], int]:
+    """Parse `source`; return the tree, the stripped text, its window literals, and the indent."""
     # Folded YAML scalars carry newlines; a space keeps every column where the author put it.
     text = source.replace("\r", " ").replace("\n", " ")
     stripped = text.lstrip()
@@ -626,18 +677,30 @@ def compile_expression(source: str) -> Expression:
         raise ExpressionError("expression is nested too deeply", source=source, column=1) from None
     except ValueError as exc:  # e.g. a NUL character
         raise ExpressionError(f"invalid expression: {exc}", source=source, column=1) from None
-    compiler = _Compiler(stripped, literals)
+    return tree, stripped, literals, indent
+
+
+def _translate(
+    source: str, variables: dict[str, str] | None = None, prefix: str = ""
+) -> tuple[_Compiler, _Condition, int]:
+    tree, stripped, literals, indent = _parse(source)
+    compiler = _Compiler(stripped, literals, variables=variables, prefix=prefix)
     try:
         condition = compiler.condition(tree.body, 0)
     except ExpressionError as exc:
         raise ExpressionError(exc.reason, source=source, column=indent + exc.column) from None
-    fields = tuple(compiler.variables)
+    return compiler, condition, indent
+
+
+def compile_expression(source: str) -> Expression:
+    """Check `source` against the whitelist and compile it, or raise `ExpressionError`."""
+    compiler, condition, indent = _translate(source)
     calls = [
         f"{var} = w[{index}].{function}({'' if q is None else repr(q)})"
         for (index, function, q), var in compiler.calls.items()
     ]
-    is_true: Predicate = _build("predicate", condition.true, compiler.variables, calls)  # type: ignore[assignment]
-    is_false: Predicate = _build("predicate", condition.false, compiler.variables, calls)  # type: ignore[assignment]
+    is_true: Predicate = _build("predicate", condition.true, compiler.used, calls)  # type: ignore[assignment]
+    is_false: Predicate = _build("predicate", condition.false, compiler.used, calls)  # type: ignore[assignment]
     empty = (EmptyWindow(),) * len(compiler.windows)
     try:
         # Parts without fields are constants: fail now rather than on every event.
@@ -648,8 +711,54 @@ def compile_expression(source: str) -> Expression:
             f"expression cannot be evaluated: {exc}", source=source, column=indent + 1
         ) from None
     return Expression(
-        source.strip(), fields, is_true, is_false, tuple(compiler.windows.values()), tuple(compiler.uses)
+        source.strip(),
+        tuple(compiler.used),
+        is_true,
+        is_false,
+        tuple(compiler.windows.values()),
+        tuple(compiler.uses),
+        tuple(compiler.direct),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ExpressionCode:
+    """An expression as Python source, for the engine to build functions of several expressions.
+
+    `true` and `false` are Python expressions over the locals named in `fields` (field name ->
+    local; the caller assigns `local = fields.get(name)`) and `calls` (local, index into
+    `Expression.windows`, function, percentile q; the caller assigns each local the function's value
+    over that window). They read nothing else but the names in `RUNTIME`.
+    """
+
+    true: str
+    false: str
+    fields: Mapping[str, str]
+    calls: tuple[tuple[str, int, str, float | None], ...]
+    windows: tuple[str, ...] = ()  # per entry of `Expression.windows`: the reading an event adds, or None
+
+
+def expression_code(source: str, variables: dict[str, str], prefix: str) -> ExpressionCode:
+    """Translate a checked expression again, naming fields from `variables` (shared, extended here)."""
+    compiler, condition, _ = _translate(source, variables, prefix)
+    calls = tuple((var, index, function, q) for (index, function, q), var in compiler.calls.items())
+    windows = tuple(compiler.window_code[key] for key in compiler.windows)
+    return ExpressionCode(condition.true, condition.false, dict(compiler.used), calls, windows)
+
+
+RUNTIME: Mapping[str, object] = _RUNTIME
+
+
+def build_function(name: str, params: str, lines: Sequence[str], namespace: Mapping[str, object]) -> object:
+    """Compile `def name(params): lines` in a namespace of `RUNTIME` plus `namespace`, and return it.
+
+    The lines must be built only from `ExpressionCode` text, `repr()` literals and the caller's own
+    identifiers; nothing from a rule file reaches them otherwise.
+    """
+    text = "\n".join([f"def {name}({params}):", *(f"    {line}" for line in lines)])
+    scope = {**_RUNTIME, **namespace}
+    exec(compile(text, f"<rules: {name}>", "exec"), scope)
+    return scope[name]
 
 
 def _build(name: str, body: str, variables: Mapping[str, str], calls: Sequence[str] = ()) -> object:
@@ -662,3 +771,80 @@ def _build(name: str, body: str, variables: Mapping[str, str], calls: Sequence[s
     namespace = dict(_RUNTIME)
     exec(compile("\n".join(lines), "<rule expression>", "exec"), namespace)
     return namespace[name]
+
+
+# -- tumbling aggregates ---------------------------------------------------------------------------------
+
+AGGREGATE_FUNCTIONS = (*WINDOW_FUNCTIONS, "count_if")
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate of a derived metric, e.g. `avg(temperature)`: what to read and how to reduce it.
+
+    `extract` returns the reading an event adds (None for none): the value, or 1.0 when the
+    condition of `count_if` definitely holds.
+    """
+
+    source: str
+    function: str  # a window function; count_if is `count` over its condition
+    q: float | None
+    extract: Extractor = field(compare=False)
+    fields: tuple[str, ...] = ()
+    value_key: str = ""  # equal for aggregates that read the same readings
+
+
+def compile_aggregate(source: str) -> Aggregate:
+    """Check and compile `fn(value)`, `percentile(value, q)` or `count_if(condition)`.
+
+    Raises:
+        ExpressionError: not such an aggregate, or the value is not a valid value expression.
+    """
+    tree, stripped, literals, indent = _parse(source)
+    body = tree.body
+    shape = f"one of {', '.join(f'{name}(<value>)' for name in WINDOW_FUNCTIONS if name != 'percentile')}, "
+    shape += "percentile(<value>, <q>) or count_if(<condition>)"
+    compiler = _Compiler(stripped, literals, nested=True)
+    try:
+        if not (isinstance(body, ast.Call) and isinstance(body.func, ast.Name)):
+            raise compiler.error(body, f"expected an aggregate: {shape}")
+        name = body.func.id
+        if name not in AGGREGATE_FUNCTIONS:
+            raise compiler.error(body, f"{name}() is not an aggregate; expected {shape}")
+        if literals:
+            first = literals[min(literals)]
+            raise compiler.error(
+                body,
+                f"a derived metric's window is its `every`; leave out the window ({first.text}) here",
+            )
+        arity = 2 if name == "percentile" else 1
+        if body.keywords or len(body.args) != arity:
+            raise compiler.error(body, f"{name}() takes {arity} argument{'s' if arity > 1 else ''} here")
+        q = None
+        if name == "percentile":
+            q = _number_literal(body.args[1])
+            if q is None or not 0 <= q <= 100:
+                raise compiler.error(
+                    body.args[1], "percentile() takes a number from 0 to 100 as its second argument"
+                )
+        arg = body.args[0]
+        if name == "count_if":
+            code = f"1.0 if {compiler.condition(arg, 1).true} else None"
+        else:
+            value = compiler.number(arg, 0)
+            known = " and ".join(
+                f"{var} is not None" for var in sorted(value.fields, key=compiler.order.__getitem__)
+            )
+            code = f"{value.code} if {known} else None" if known else value.code
+    except ExpressionError as exc:
+        raise ExpressionError(exc.reason, source=source, column=indent + exc.column) from None
+    extract: Extractor = _build("extract", code, compiler.used)  # type: ignore[assignment]
+    try:
+        extract({})  # parts without fields are constants: fail now rather than on every event
+    except EVALUATION_ERRORS as exc:
+        raise ExpressionError(
+            f"aggregate cannot be evaluated: {exc}", source=source, column=indent + 1
+        ) from None
+    function = "count" if name == "count_if" else name
+    key = f"{'if' if name == 'count_if' else 'value'}:{ast.dump(arg)}"
+    return Aggregate(source.strip(), function, q, extract, tuple(compiler.used), key)

@@ -20,15 +20,20 @@ from rules.duration import parse_duration
 from rules.model import (
     DEFAULT_LATENESS,
     CommandSpec,
+    DerivedMetric,
+    DeviceSelector,
     NOfM,
+    RepublishSpec,
     Rule,
     RuleSet,
     RuleTest,
+    WebhookSpec,
 )
 
-_EXPECTED_FILE = "expected a mapping with a `rules` list"
-_TOP_LEVEL_KEYS = ("rules", "lateness", "tests")
+_EXPECTED_FILE = "expected a mapping with a `rules` list (or a `derived` list)"
+_TOP_LEVEL_KEYS = ("rules", "derived", "lateness", "time", "tests")
 _TESTS = TypeAdapter(list[RuleTest])
+_TIME_MODES = ("event", "processing")
 
 
 class _RuleLoader(yaml.SafeLoader):
@@ -47,7 +52,7 @@ _RuleLoader.add_implicit_resolver(
 
 @dataclass(frozen=True, slots=True)
 class _Located:
-    rule: Rule
+    rule: Rule | DerivedMetric
     file: str
     line: int | None
     column: int | None
@@ -62,12 +67,16 @@ class _File:
 
 
 def parse_rule_file(text: str, file: str) -> list[Rule]:
-    """Parse one rule file, or raise `SourceFileError` listing all of its problems."""
+    """Parse one rule file, or raise `SourceFileError` listing all of its problems.
+
+    Returns the file's rules (its derived metrics are checked too, but only `build_rule_set`
+    returns them).
+    """
     parsed = _parse(text, file)
     problems = parsed.problems + _duplicate_problems(parsed.rules)
     if problems:
         raise SourceFileError(_in_reading_order(problems))
-    return [entry.rule for entry in parsed.rules]
+    return [entry.rule for entry in parsed.rules if isinstance(entry.rule, Rule)]
 
 
 def build_rule_set(files: Mapping[str, str]) -> RuleSet:
@@ -88,7 +97,10 @@ def build_rule_set(files: Mapping[str, str]) -> RuleSet:
     if problems:
         raise SourceFileError(_in_reading_order(problems))
     return RuleSet(
-        tuple(entry.rule for entry in located), {entry.rule.id: entry.file for entry in located}, tests
+        tuple(entry.rule for entry in located if isinstance(entry.rule, Rule)),
+        {entry.rule.id: entry.file for entry in located},
+        tests,
+        tuple(entry.rule for entry in located if isinstance(entry.rule, DerivedMetric)),
     )
 
 
@@ -104,7 +116,10 @@ def _parse(text: str, file: str) -> _File:
         got = "an empty file" if data is None else type(data).__name__
         return _File([], [], [doc.problem([], f"{_EXPECTED_FILE}, got {got}")])
     problems = [
-        doc.problem([key], f"unknown top-level key {key!r}; expected only `rules`, `lateness` and `tests`")
+        doc.problem(
+            [key],
+            f"unknown top-level key {key!r}; expected only `rules`, `derived`, `lateness`, `time` and `tests`",
+        )
         for key in data
         if key not in _TOP_LEVEL_KEYS
     ]
@@ -114,42 +129,74 @@ def _parse(text: str, file: str) -> _File:
             lateness = parse_duration(data["lateness"])
         except ValueError as exc:
             problems.append(doc.problem(["lateness"], f"lateness: {exc} (got {data['lateness']!r:.40})"))
+    time_mode = data.get("time", "event")
+    if time_mode not in _TIME_MODES:
+        problems.append(
+            doc.problem(["time"], f"time: expected `event` or `processing` (got {time_mode!r:.40})")
+        )
+        time_mode = "event"
     tests: list[RuleTest] = []
     if "tests" in data:
         try:
             tests = _TESTS.validate_python(data["tests"])
         except ValidationError as exc:
             problems += [_test_problem(problem) for problem in doc.problems_from(exc, ["tests"])]
-    items = data.get("rules")
+    if "rules" not in data and "derived" in data:
+        items: object = []
+    else:
+        items = data.get("rules")
     if not isinstance(items, list):
         got = "nothing" if items is None else type(items).__name__
         problems.append(doc.problem(["rules"] if "rules" in data else [], f"{_EXPECTED_FILE}, got {got}"))
-        return _File([], tests, problems)
+        items = []
+    defaults = {"lateness": lateness, "time": time_mode}
+    located = _entries(doc, file, items, "rules", Rule, defaults, problems)
+    if "derived" in data:
+        derived = data["derived"]
+        if isinstance(derived, list):
+            located += _entries(doc, file, derived, "derived", DerivedMetric, defaults, problems)
+        else:
+            problems.append(doc.problem(["derived"], "expected a list of derived metrics"))
+    return _File(located, tests, problems)
+
+
+def _entries(
+    doc: LocatedDocument,
+    file: str,
+    items: list[object],
+    section: str,
+    model: type[Rule] | type[DerivedMetric],
+    defaults: Mapping[str, object],
+    problems: list[Problem],
+) -> list[_Located]:
     located: list[_Located] = []
+    what = (
+        "a rule (a mapping with id, when, ...)" if model is Rule else "a derived metric (id, every, fields)"
+    )
     for index, item in enumerate(items):
-        path: list[PathItem] = ["rules", index]
+        path: list[PathItem] = [section, index]
         if not isinstance(item, dict):
-            problems.append(
-                doc.problem(path, f"expected a rule (a mapping with id, when, ...), got {item!r:.40}")
-            )
+            problems.append(doc.problem(path, f"expected {what}, got {item!r:.40}"))
             continue
         raw_id = item.get("id")
         rule_id = raw_id if isinstance(raw_id, str) else None
         try:
-            rule = Rule.model_validate(item)
+            entry = model.model_validate(item)
         except ValidationError as exc:
-            problems += _rule_problems(doc, exc, path, rule_id)
+            problems += _rule_problems(doc, exc, path, rule_id, item)
             continue
-        if rule.lateness is None:
-            rule = rule.model_copy(update={"lateness": lateness})
+        # the file's lateness and time apply where the entry does not set its own
+        update = {key: value for key, value in defaults.items() if getattr(entry, key) is None}
+        if update:
+            entry = entry.model_copy(update=update)
         line, column = doc.position([*path, "id"])
-        located.append(_Located(rule, file, line, column, f"rules[{index}].id"))
-    return _File(located, tests, problems)
+        located.append(_Located(entry, file, line, column, f"{section}[{index}].id"))
+    return located
 
 
 def _test_problem(problem: Problem) -> Problem:
     # The union tags of `expect` items show up in pydantic's locations; the YAML path has none.
-    for tag in (".alert", ".command"):
+    for tag in (".alert", ".command", ".republish", ".webhook", ".derived"):
         if tag + "." in problem.where or problem.where.endswith(tag):
             where = problem.where.replace(tag, "", 1)
             return replace(problem, where=where)
@@ -157,42 +204,58 @@ def _test_problem(problem: Problem) -> Problem:
 
 
 def _rule_problems(
-    doc: LocatedDocument, exc: ValidationError, path: Sequence[PathItem], rule_id: str | None
+    doc: LocatedDocument,
+    exc: ValidationError,
+    path: Sequence[PathItem],
+    rule_id: str | None,
+    item: Mapping[str, object],
 ) -> list[Problem]:
-    named = f"rule {rule_id!r}: " if rule_id is not None else ""
+    named = (
+        f"{'rule' if path[0] == 'rules' else 'derived metric'} {rule_id!r}: " if rule_id is not None else ""
+    )
     problems = []
     # problems_from yields one problem per error, in order, so the two can be paired.
     for error, problem in zip(exc.errors(include_url=False), doc.problems_from(exc, path), strict=True):
-        loc = _without_union_tags(error["loc"])
+        loc = _without_union_tags(error["loc"], item)
+        at = error.get("ctx", {}).get("at")
+        if isinstance(at, list):  # a rule-wide check that names the key it is about (rules.model)
+            loc = (*loc, *at)
         if loc != error["loc"]:
             problem = replace(doc.problem([*path, *loc], problem.message), message=problem.message)
             error = {**error, "loc": loc}
         message = problem.message
         if error["type"] == "extra_forbidden":
-            message = _unknown_key_message(error["loc"])
+            message = _unknown_key_message(error["loc"], Rule if path[0] == "rules" else DerivedMetric)
         elif error["type"] == "missing":
             message = f"missing required key {error['loc'][-1]!r}"
         problems.append(replace(problem, message=named + message))
     return problems
 
 
-def _without_union_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    # `for:` is a duration or {count, of}; pydantic names the union member in the location, which the
-    # YAML does not have.
+def _without_union_tags(loc: tuple[int | str, ...], item: Mapping[str, object]) -> tuple[int | str, ...]:
+    # `for:` is a duration or {count, of}, and `devices: [...]` is short for `devices: {ids: [...]}`:
+    # pydantic names the union member, or the key the shorthand stands for, in the location, which
+    # the YAML does not have.
+    shorthand = isinstance(item.get("devices"), list)
     return tuple(
         part
         for i, part in enumerate(loc)
         if not (i and loc[i - 1] == "for" and part in ("duration", "n_of_m"))
+        and not (i and shorthand and loc[i - 1] == "devices" and part == "ids")
     )
 
 
-def _unknown_key_message(loc: tuple[int | str, ...]) -> str:
+def _unknown_key_message(loc: tuple[int | str, ...], base: type[BaseModel]) -> str:
     key = str(loc[-1])
-    model: type[BaseModel] = Rule
-    if len(loc) >= 2 and loc[-2] == "command":
-        model = CommandSpec
-    elif len(loc) >= 2 and loc[-2] == "for":
-        model = NOfM
+    parent = loc[-2] if len(loc) >= 2 else None
+    nested: dict[object, type[BaseModel]] = {
+        "command": CommandSpec,
+        "republish": RepublishSpec,
+        "webhook": WebhookSpec,
+        "for": NOfM,
+        "devices": DeviceSelector,
+    }
+    model = nested.get(parent, base)
     known = [info.alias or name for name, info in model.model_fields.items()]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -6,6 +6,7 @@ as the gateway writes them.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -14,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.event import TelemetryEvent
-from rules.action import Action, RecordAlert
+from rules.action import Action, RecordAlert, WriteDerived
 from rules.checkpoint import CHECKPOINT_VERSION, CheckpointError, rule_fingerprint
 from rules.engine import RULE_CHANGED_MESSAGE, RULE_REMOVED_MESSAGE, RuleEngine
 from rules.model import RuleSet
 from rules.parse import build_rule_set
+from rules.selector import KnownDevice
 
 T0 = 1_764_000_000.0
 
@@ -40,12 +42,36 @@ RULES = """\
     when: rate(temperature, 30s) > 0.5 or percentile(temperature, 90, 30s) > 33
   - id: quiet
     absent: 20s
+  - id: site-warm
+    group_by: site
+    when: avg(temperature, 30s) > 29
+    clear: avg(temperature, 30s) < 27
+    for: 3s
+  - id: site-swing
+    group_by: site
+    when: max(temperature, 20s) - min(temperature, 20s) > 8 or percentile(temperature, 90, 20s) > 34
 """
-KNOWN = ("a", "b", "never")
+DERIVED = """\
+derived:
+  - id: per-device
+    every: 10s
+    fields: {t: avg(temperature), p50: "percentile(temperature, 50)", n: count(temperature)}
+  - id: per-site
+    group_by: site
+    every: 15s
+    time: processing
+    fields: {top: max(temperature)}
+"""
+KNOWN = {
+    "a": KnownDevice("sensor", {"site": "north"}),
+    "b": KnownDevice("sensor", {"site": "north"}),
+    "never": KnownDevice("sensor", {"site": "south"}),
+}
 
 
-def rule_set(text: str = RULES) -> RuleSet:
-    return build_rule_set({"r.yaml": f"lateness: 5s\nrules:\n{text}"})
+@functools.cache  # a rule set is immutable; parsing it for every example would dominate the run time
+def rule_set(text: str = RULES, derived: str = DERIVED) -> RuleSet:
+    return build_rule_set({"r.yaml": f"lateness: 5s\nrules:\n{text}{derived}"})
 
 
 def through_json(data: dict[str, Any]) -> Any:
@@ -175,8 +201,22 @@ def test_a_vanished_rule_closes_its_alarms() -> None:
 
 
 def _corrupt(data: dict[str, Any]) -> dict[str, Any]:
-    data["rules"]["hot"]["states"]["a"]["windows"] = "nonsense"
     data["rules"]["hot"]["alarms"] = {"a": {"since": "yesterday", "values": {}}}
+    return data
+
+
+def _corrupt_window(data: dict[str, Any]) -> dict[str, Any]:
+    data["rules"]["warm-avg"]["states"]["a"]["data"][0] = float("nan")  # a window's head bucket
+    return data
+
+
+def _short_window(data: dict[str, Any]) -> dict[str, Any]:
+    data["rules"]["warm-avg"]["states"]["a"]["data"].pop()
+    return data
+
+
+def _corrupt_interval(data: dict[str, Any]) -> dict[str, Any]:
+    data["rules"]["per-device"]["open"]["a"][0][2] = []
     return data
 
 
@@ -188,6 +228,9 @@ def _corrupt(data: dict[str, Any]) -> dict[str, Any]:
         (lambda data: {**data, "version": 99}, "version 99 is not the supported version"),
         (lambda data: {k: v for k, v in data.items() if k != "rules"}, "missing"),
         (_corrupt, "corrupt checkpoint"),
+        (_corrupt_window, "time window state out of range"),
+        (_short_window, "does not fit the rule's windows"),
+        (_corrupt_interval, "interval state does not fit"),
         (lambda data: {**data, "engine": {**data["engine"], "timers": [[1, 7, "hot", "a"]]}}, "corrupt"),
     ],
 )
@@ -211,3 +254,50 @@ def test_restore_is_refused_once_the_engine_runs() -> None:
     engine.advance(T0)
     with pytest.raises(RuntimeError):
         engine.restore(engine.checkpoint(), T0)
+
+
+def test_group_windows_and_unfinished_intervals_survive_a_restart() -> None:
+    engine = RuleEngine(rule_set(), known_devices=KNOWN)
+    for i, (device, temperature) in enumerate([("a", 31), ("b", 33), ("a", 20)]):
+        engine.process(TelemetryEvent(device, T0 + i, {"temperature": temperature}), T0 + i)
+    before = engine.window_values("site-swing", "site=north"), engine.window_values("per-device", "a")
+    second, closing = restored(engine.checkpoint(), T0 + 4)
+    assert closing == []
+    assert (
+        second.window_values("site-swing", "site=north"),
+        second.window_values("per-device", "a"),
+    ) == before
+    assert before[0] == {
+        "max(temperature, 20s)": 33.0,
+        "min(temperature, 20s)": 20.0,
+        "percentile(temperature, 90, 20s)": 32.6,
+    }
+    assert before[1] == {"t": 25.5, "p50": 25.5, "n": 2.0}
+    # the interval [T0, T0 + 10) is written once, by the restored engine, whole
+    points = [a for a in second.advance(T0 + 30) if isinstance(a, WriteDerived) and a.rule_id == "per-device"]
+    assert [(dict(p.tags)["device"], p.fields["n"]) for p in points] == [("a", 2.0), ("b", 1.0)]
+
+
+def test_a_version_1_file_closes_its_alarms_and_starts_fresh() -> None:
+    legacy = {
+        "format": "tidegate-rules-state",
+        "version": 1,
+        "engine": {"start": T0, "newest": {"a": T0}, "seen": {"a": T0}, "timers": [[T0 + 5, 0, "hot", "a"]]},
+        "rules": {
+            "hot": {
+                "fingerprint": "f" * 64,
+                "alerts": True,
+                "severity": "warning",
+                "alarms": {"a": {"since": T0, "values": {"temperature": 31}}},
+                "states": {"a": {"windows": [], "holding": None}},
+            },
+            "quiet": {"fingerprint": "0" * 64, "alerts": True, "severity": "critical", "alarms": {}},
+        },
+    }
+    engine = RuleEngine(rule_set(), known_devices=KNOWN)
+    actions = engine.restore(legacy, T0 + 10)
+    assert [(a.rule_id, a.device_id, a.state, a.message) for a in actions if isinstance(a, RecordAlert)] == [
+        ("hot", "a", "cleared", RULE_CHANGED_MESSAGE)
+    ]
+    assert engine.active_alarms() == []
+    assert engine.advance(T0 + 10) == []  # its timers are gone with the rest of its state

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import pytest
 
 from devices.event import FieldValue, TelemetryEvent
-from rules.action import Action, RecordAlert, SendCommand
+from rules.action import Action, RecordAlert, SendCommand, WriteDerived
 from rules.engine import RULE_CHANGED_MESSAGE, RULE_REMOVED_MESSAGE, RuleEngine
 from rules.model import RuleSet
 from rules.parse import build_rule_set
+from rules.selector import KnownDevice
 
 T0 = 1_764_000_000.0
 
@@ -154,3 +155,37 @@ def test_unchanged_rules_keep_their_command_cooldown() -> None:
     engine.replace_rules(rules(fan), T0 + 2)
     assert [type(a) for a in at(engine, 3, temperature=31)] == [RecordAlert]
     assert engine.suppressed_commands == 1
+
+
+GROUP = "  - id: site\n    group_by: site\n    when: avg(temperature, 1m) > 30\n"
+SITES = {"a": KnownDevice(None, {"site": "north"}), "b": KnownDevice(None, {"site": "north"})}
+PER_MINUTE = "derived:\n  - id: per-minute\n    every: 1m\n    fields: {t: avg(temperature)}\n"
+
+
+def test_a_group_rule_keeps_its_windows_and_alarm_over_a_reload_and_closes_them_when_changed() -> None:
+    engine = RuleEngine(rules(GROUP), known_devices=SITES)
+    [raised] = at(engine, 0, "a", temperature=40)
+    assert isinstance(raised, RecordAlert) and raised.group == ("site", "north")
+    assert engine.replace_rules(rules(GROUP, WET), T0 + 1).actions == []
+    assert at(engine, 2, "b", temperature=30) == []  # still raised; the window held 40 from before
+    assert engine.window_values("site", "site=north") == {"avg(temperature, 1m)": 35.0}
+    reload = engine.replace_rules(rules(GROUP.replace("> 30", "> 50")), T0 + 3)
+    [closed] = reload.actions
+    assert isinstance(closed, RecordAlert)
+    assert (closed.device_id, closed.group, closed.message) == (
+        "site=north",
+        ("site", "north"),
+        RULE_CHANGED_MESSAGE,
+    )
+    assert engine.window_values("site", "site=north") == {}  # started fresh
+
+
+def test_an_unchanged_derived_metric_keeps_its_unfinished_interval() -> None:
+    with_metric = build_rule_set({"r.yaml": f"rules:\n{HOT}{PER_MINUTE}"})
+    engine = RuleEngine(with_metric)
+    at(engine, 0, temperature=20)
+    reload = engine.replace_rules(build_rule_set({"r.yaml": f"rules:\n{HOT}{WET}{PER_MINUTE}"}), T0 + 1)
+    assert reload.unchanged == ("hot", "per-minute") and reload.actions == []
+    at(engine, 30, temperature=30)
+    [point] = [a for a in engine.advance(T0 + 120) if isinstance(a, WriteDerived)]
+    assert point.fields == {"t": 25.0}

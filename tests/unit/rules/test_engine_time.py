@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
+from devices.errors import SourceFileError
 from devices.event import FieldValue, TelemetryEvent
 from rules.action import Action, RecordAlert, SendCommand
-from rules.engine import RuleEngine
+from rules.engine import RuleEngine, _CompiledRule
 from rules.parse import build_rule_set
 
 T0 = 1_764_000_000.0  # a multiple of every bucket width used here, so windows align with T0
@@ -126,7 +127,7 @@ def test_windows_are_per_device_and_shared_by_when_and_clear() -> None:
     engine.process(TelemetryEvent("a", T0, {"t": 40}), T0)
     engine.process(TelemetryEvent("b", T0, {"t": 10}), T0)
     [compiled] = engine._rules
-    assert len(compiled.specs) == 1  # one window serves both conditions
+    assert isinstance(compiled, _CompiledRule) and len(compiled.specs) == 1  # one window serves both
     assert [a.device_id for a in engine.active_alarms()] == ["a"]
     [alarm] = engine.active_alarms()
     assert alarm.values == {"t": 40, "avg(t, 1m)": 40.0}
@@ -157,8 +158,7 @@ def test_late_events_are_counted_and_not_added(
     engine.process(TelemetryEvent("d", T0 + 120, {"t": 30}), T0 + 120)
     engine.process(TelemetryEvent("d", T0 + late_t, {"t": 10}), T0 + 121)
     assert engine.late_events == int(late)
-    state = engine._rules[0].states["d"]
-    assert state.windows[0].avg() == average
+    assert engine.window_values("r", "d") == {"avg(t, 5m)": average}
 
 
 def test_a_late_event_does_not_change_an_alarm() -> None:
@@ -344,3 +344,50 @@ def test_a_late_event_still_counts_as_alive() -> None:
     engine.process(TelemetryEvent("d", T0, {"t": 1}), T0 + 250)  # old event time, received at 250
     assert engine.advance(T0 + 549) == []
     assert summary(engine.advance(T0 + 550)) == [("raised", "d", 550)]
+
+
+# -- processing time --------------------------------------------------------------------------------
+
+
+def test_processing_time_rules_use_the_receive_time() -> None:
+    engine = make_engine(
+        rule("t > 30", "time: processing", rule_id="hot")
+        + rule("count(t, 1m) >= 2", "time: processing", rule_id="twice")
+        + rule("t > 30", rule_id="hot-event")
+    )
+    engine.process(TelemetryEvent("d", T0 + 100, {"t": 20}), T0 + 100)
+    # an old payload ts: late on event time, but on processing time it is simply "now"
+    actions = engine.process(TelemetryEvent("d", T0 + 10, {"t": 35}), T0 + 101)
+    assert [(a.rule_id, a.ts - T0) for a in actions if isinstance(a, RecordAlert)] == [
+        ("hot", 101),
+        ("twice", 101),  # both readings fell in the window on the gateway clock
+    ]
+    assert engine.late_events == 1  # for hot-event, which is on event time
+
+
+def test_the_file_can_set_processing_time_for_every_rule() -> None:
+    text = (
+        "time: processing\nrules:\n"
+        + rule("t > 30", rule_id="a")
+        + rule("t > 30", "time: event", rule_id="b")
+    )
+    rules_ = build_rule_set({"r.yaml": text}).rules
+    assert [(r.id, r.time) for r in rules_] == [("a", "processing"), ("b", "event")]
+    engine = RuleEngine(build_rule_set({"r.yaml": text}))
+    [alert] = engine.process(TelemetryEvent("d", T0, {"t": 35}), T0 + 5)[:1]
+    assert isinstance(alert, RecordAlert) and (alert.rule_id, alert.ts) == ("a", T0 + 5)
+
+
+def test_a_for_period_on_processing_time_starts_at_the_receive_time() -> None:
+    engine = make_engine(rule("t > 30", "for: 1m", "time: processing"))
+    engine.process(TelemetryEvent("d", T0 - 500, {"t": 35}), T0)
+    assert engine.advance(T0 + 59) == []
+    [alert] = engine.advance(T0 + 60)
+    assert isinstance(alert, RecordAlert) and alert.ts == T0 + 60
+
+
+def test_an_unknown_time_mode_is_an_error() -> None:
+    with pytest.raises(SourceFileError) as caught:
+        build_rule_set({"r.yaml": "time: wall\nrules:\n" + rule("t > 1")})
+    [problem] = caught.value.problems
+    assert (problem.line, problem.message) == (1, "time: expected `event` or `processing` (got 'wall')")

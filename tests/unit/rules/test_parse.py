@@ -36,7 +36,7 @@ def test_full_rule() -> None:
     [rule] = parse_rule_file(OVERHEAT, "gh.yaml")
     assert rule.id == "greenhouse-overheat"
     assert rule.description == "Too hot; run the fan"
-    assert rule.devices == ["greenhouse-*", "sim-*"]
+    assert rule.devices is not None and rule.devices.ids == ["greenhouse-*", "sim-*"]
     assert rule.when is not None
     assert (rule.when.source, rule.clear_condition.source) == ("temperature > 30", "temperature < 26")
     assert rule.severity == "critical"
@@ -95,7 +95,7 @@ def rule_file(*lines: str) -> str:
             14,
             "rules[0].sevrity",
             "rule 'hot': unknown key 'sevrity' (did you mean 'severity'?); expected one of: id, description, "
-            "devices, when, absent, clear, for, min_interval, lateness, severity, message, on_raise, on_clear",
+            "devices, group_by, when, absent, clear, for, min_interval, lateness, time, severity, message, on_raise, on_clear",
         ),
         (
             rule_file("    when: t > 1", "    severity: urgent"),
@@ -132,7 +132,7 @@ def rule_file(*lines: str) -> str:
             5,
             37,
             "rules[0].on_raise[0].command.parms",
-            "rule 'hot': unknown key 'parms' (did you mean 'params'?); expected one of: name, params, cooldown",
+            "rule 'hot': unknown key 'parms' (did you mean 'params'?); expected one of: name, params, device, cooldown",
         ),
         (
             rule_file("    when: t > 1", "    on_raise: [alert, {command: {params: {}}}]"),
@@ -146,7 +146,7 @@ def rule_file(*lines: str) -> str:
             4,
             16,
             "rules[0].on_clear[0]",
-            "rule 'hot': expected `alert` or `command: {name: <command>, params: {...}}` (got 'alrt')",
+            "rule 'hot': expected `alert`, `command: {name: <command>, params: {...}}`, `republish: {topic: <topic>}` or `webhook: {url: <url>}` (got 'alrt')",
         ),
         (
             rule_file("    when: t > 1", "    devices: [gh/1]"),
@@ -186,15 +186,27 @@ def rule_file(*lines: str) -> str:
             "rules[0]",
             "expected a rule (a mapping with id, when, ...), got 'just text'",
         ),
-        ("rules: {id: x}\n", 1, 8, "rules", "expected a mapping with a `rules` list, got dict"),
+        (
+            "rules: {id: x}\n",
+            1,
+            8,
+            "rules",
+            "expected a mapping with a `rules` list (or a `derived` list), got dict",
+        ),
         (
             "rule:\n  - id: x\n",
             2,
             3,
             "rule",
-            "unknown top-level key 'rule'; expected only `rules`, `lateness` and `tests`",
+            "unknown top-level key 'rule'; expected only `rules`, `derived`, `lateness`, `time` and `tests`",
         ),
-        ("", None, None, "", "expected a mapping with a `rules` list, got an empty file"),
+        (
+            "",
+            None,
+            None,
+            "",
+            "expected a mapping with a `rules` list (or a `derived` list), got an empty file",
+        ),
         (
             "rules:\n  - id: x\n    when: [t > 1\n",
             4,

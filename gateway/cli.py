@@ -120,8 +120,11 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     from gateway.rulefiles import read_rule_dir
 
     rule_set = read_rule_dir(Path(args.dir))
-    if not rule_set.rules:
-        print(f"error: {args.dir}: no rules found (rule files end in .yaml or .yml)", file=sys.stderr)
+    if not rule_set.rules and not rule_set.derived:
+        print(
+            f"error: {args.dir}: no rules or derived metrics found (rule files end in .yaml or .yml)",
+            file=sys.stderr,
+        )
         return 1
     if args.devices is not None:  # command actions against the device types' allow-lists
         from gateway.commands import check_rule_commands
@@ -136,7 +139,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    print(f"{args.dir}: {len(rule_set.rules)} rule(s) ok")
+    print(f"{args.dir}: {len(rule_set.rules)} rule(s), {len(rule_set.derived)} derived metric(s) ok")
     return 0
 
 

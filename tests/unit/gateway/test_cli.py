@@ -313,10 +313,12 @@ def test_config_check_of_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFi
 def test_rules_check_accepts_the_examples_and_counts_the_rules(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(EXAMPLE_RULES.glob("*.yaml"))
     assert files, f"no example rule files in {EXAMPLE_RULES}"
-    count = sum(len(yaml.safe_load(f.read_text(encoding="utf-8"))["rules"]) for f in files)
+    docs = [yaml.safe_load(f.read_text(encoding="utf-8")) for f in files]
+    rules = sum(len(doc.get("rules") or []) for doc in docs)
+    derived = sum(len(doc.get("derived") or []) for doc in docs)
     assert main(["rules", "check", str(EXAMPLE_RULES)]) == 0
     out, err = capsys.readouterr()
-    assert out == f"{EXAMPLE_RULES}: {count} rule(s) ok\n"
+    assert out == f"{EXAMPLE_RULES}: {rules} rule(s), {derived} derived metric(s) ok\n"
     assert err == ""
 
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -19,17 +26,31 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devices.command import Command, CommandAck
+from devices.errors import PayloadError
 from devices.payload import PayloadDecoder
+from devices.registry import parse_registry
+from devices.status import decode_status
 from devices.topic import TopicScheme
 from gateway.broker import AmqttBroker, Backend, MosquittoBroker, embedded_broker, find_mosquitto, probe_mqtt
-from simulator import BrokerUnavailableError, SimulationSummary, device_ids, run_simulation
+from simulator import (
+    BrokerUnavailableError,
+    SimulationSummary,
+    device_ids,
+    parse_fleet,
+    read_fleet_file,
+    run_simulation,
+)
+from tests.integration.mqtt_servers import StartMosquitto, TlsFiles, free_port, tls_listener
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
 TELEMETRY = TopicScheme("devices/{device_id}/telemetry")
 COMMANDS = TopicScheme("devices/{device_id}/commands")
 ACKS = TopicScheme("devices/{device_id}/commands/ack")
+STATUS = TopicScheme("devices/{device_id}/status")
+SEQ_RE = re.compile(rb'"seq":(\d+)')
 WAIT = 10.0  # seconds for anything that should take milliseconds; only reached when a test fails
 
 
@@ -124,7 +145,21 @@ def progress_event(device_id: str) -> tuple[asyncio.Event, Callable[[SimulationS
     return event, on_progress
 
 
-# -- the simulator -----------------------------------------------------------------------------------
+def per_device(messages: Messages, suffix: str) -> dict[str, list[bytes]]:
+    """Payloads by device id, in arrival order, of the messages on topics ending with `suffix`."""
+    found: dict[str, list[bytes]] = defaultdict(list)
+    for topic, payload, _ in messages:
+        if topic.endswith(suffix):
+            found[topic.split("/")[1]].append(payload)
+    return found
+
+
+def seqs_of(payload: bytes) -> list[int]:
+    """The seqs a telemetry payload carries: one reading, a batch, or a malformed one (by regex)."""
+    return [int(seq) for seq in SEQ_RE.findall(payload)]
+
+
+# -- the quick form ----------------------------------------------------------------------------------
 
 
 def test_every_seq_arrives_once_in_order_per_device(mosquitto: MosquittoBroker) -> None:
@@ -136,8 +171,8 @@ def test_every_seq_arrives_once_in_order_per_device(mosquitto: MosquittoBroker) 
         )
         assert recorder.wait_for(lambda messages: len(messages) >= summary.sent)
 
-    assert summary.devices == 3 and summary.errors == 0
-    assert sum(summary.last_seq.values()) == summary.sent
+    assert summary.devices == 3 and summary.connections == 1 and summary.errors == 0
+    assert sum(summary.last_seq.values()) == summary.sent == summary.readings
     decoder = PayloadDecoder()
     by_device: dict[str, list[int | None]] = {d: [] for d in ids}
     for topic, payload, qos in recorder.messages:
@@ -190,11 +225,11 @@ def test_fan_command_is_acked_ok_with_its_id_and_unknown_ones_with_an_error(
     assert (summary.commands_received, summary.commands_acked, summary.commands_rejected) == (2, 2, 1)
 
 
-def test_cancelling_disconnects_every_device_cleanly(mosquitto: MosquittoBroker) -> None:
+def test_cancelling_disconnects_every_connection_cleanly(mosquitto: MosquittoBroker) -> None:
     prefix = unique_prefix("cancel")
     ids = device_ids(3, prefix)
 
-    async def scenario() -> None:
+    async def scenario(connection_per_device: bool) -> None:
         ready, on_progress = progress_event(ids[-1])
         simulation = asyncio.create_task(
             run_simulation(
@@ -204,6 +239,7 @@ def test_cancelling_disconnects_every_device_cleanly(mosquitto: MosquittoBroker)
                 duration=None,
                 seed=2,
                 id_prefix=prefix,
+                connection_per_device=connection_per_device,
                 on_progress=on_progress,
             )
         )
@@ -212,12 +248,15 @@ def test_cancelling_disconnects_every_device_cleanly(mosquitto: MosquittoBroker)
         with pytest.raises(asyncio.CancelledError):
             await simulation
 
-    run(scenario())  # `run` also fails if a task was left behind
+    run(scenario(connection_per_device=False))  # `run` also fails if a task was left behind
+    run(scenario(connection_per_device=True))
 
     # mosquitto logs "Client X disconnected." for a DISCONNECT packet, "closed its connection" otherwise;
     # the log has no change event to wait on, so poll it briefly.
+    client_ids = [f"{ids[0]}..{ids[-1]}", *ids]
+
     def all_said_goodbye() -> bool:
-        return all(f"Client {d} disconnected." in mosquitto.log_text() for d in ids)
+        return all(f"Client {c} disconnected." in mosquitto.log_text() for c in client_ids)
 
     deadline = time.monotonic() + WAIT
     while not all_said_goodbye() and time.monotonic() < deadline:
@@ -227,21 +266,21 @@ def test_cancelling_disconnects_every_device_cleanly(mosquitto: MosquittoBroker)
 
 def test_devices_reconnect_after_a_broker_restart_and_lose_nothing(mosquitto_fresh: MosquittoBroker) -> None:
     broker = mosquitto_fresh
-    ids = device_ids(2, "restart")
+    ids = device_ids(4, "restart")
     seen_before = asyncio.Event()
     reconnected = asyncio.Event()
 
     def on_progress(summary: SimulationSummary) -> None:
         if min(summary.last_seq.values()) >= 3:
             seen_before.set()
-        if summary.reconnects >= len(ids) and min(summary.last_seq.values()) >= 8:
+        if summary.reconnects >= summary.connections and min(summary.last_seq.values()) >= 8:
             reconnected.set()
 
     async def scenario() -> SimulationSummary:
         stop = asyncio.Event()
         simulation = asyncio.create_task(
-            run_simulation(broker.url, devices=2, rate=10.0, duration=None, seed=4, id_prefix="restart",
-                           on_progress=on_progress, stop=stop)
+            run_simulation(broker.url, devices=4, rate=10.0, duration=None, seed=4, id_prefix="restart",
+                           connections=2, on_progress=on_progress, stop=stop)
         )  # fmt: skip
         await asyncio.wait_for(seen_before.wait(), WAIT)
         await broker.restart_async()
@@ -261,7 +300,8 @@ def test_devices_reconnect_after_a_broker_restart_and_lose_nothing(mosquitto_fre
 
         assert recorder.wait_for(complete), {d: seqs(d) for d in ids}
 
-    assert summary.reconnects == len(ids) and summary.errors == len(ids)  # one lost connection each
+    assert summary.connections == 2
+    assert summary.reconnects == 2 and summary.errors == 2  # one lost connection each
     for device_id in ids:
         # at least once: a reading in flight at the restart may arrive twice, but none is missing
         assert sorted(set(seqs(device_id))) == list(range(1, summary.last_seq[device_id] + 1)), device_id
@@ -275,9 +315,302 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     assert broker.url in str(raised.value) and "refused" in str(raised.value).lower()
 
 
-def test_rejects_a_non_mqtt_url() -> None:
-    with pytest.raises(ValueError, match="mqtt://"):
-        run(run_simulation("http://127.0.0.1:1883", devices=1, rate=1.0, duration=1.0, seed=None))
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("http://127.0.0.1:1883", {}, "mqtt://"),
+        ("mqtt://127.0.0.1:1883", {"ca_file": __file__}, "use mqtts://"),
+        ("mqtts://127.0.0.1", {"key_file": __file__}, "needs its certificate"),
+        ("mqtts://127.0.0.1", {"ca_file": "/nonexistent/ca.pem"}, "not a readable file"),
+    ],
+)
+def test_rejects_an_unusable_url_or_tls_options(url: str, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run(run_simulation(url, devices=1, rate=1.0, duration=1.0, **options))
+
+
+# -- fleets ------------------------------------------------------------------------------------------
+
+BIG_FLEET = """\
+seed: 5
+types:
+  sensor:
+    interval: 1s
+    jitter: 10%
+    fields:
+      temperature: {{sine: {{mean: 20, amplitude: 2, period: 1m}}, noise: 0.1}}
+      fan: {{constant: false}}
+    commands:
+      fan:
+        - params: {{on: true}}
+          effects: {{fan: {{set: true}}, temperature: {{rate: -0.5, for: 10s}}}}
+groups:
+  - {{type: sensor, ids: "{p}-plain-{{0001..1900}}"}}
+  - {{type: sensor, ids: "{p}-broken-{{01..40}}", faults: {{malformed: {{rate: 20%}}}}}}
+  - type: sensor
+    ids: "{p}-flaky-{{01..30}}"
+    faults: {{disconnect: {{schedule: [{{at: 1s, for: 1500ms}}], replay: burst}}}}
+  - type: sensor
+    ids: "{p}-batchy-{{01..30}}"
+    faults: {{disconnect: {{schedule: [{{at: 1s, for: 1500ms}}], replay: batch}}}}
+"""
+
+
+def test_two_thousand_devices_over_four_connections(mosquitto: MosquittoBroker) -> None:
+    prefix = unique_prefix("big")
+    fleet = parse_fleet(BIG_FLEET.format(p=prefix), "big.yaml")
+    assert len(fleet) == 2000
+    plain = [f"{prefix}-plain-{n:04d}" for n in (1, 2, 3, 4)]
+    fan_on = Command(uuid.uuid4().hex, plain[0], "fan", {"on": True}, time.time())
+    unknown = Command(uuid.uuid4().hex, plain[1], "reboot", {}, time.time())
+    twice = Command(uuid.uuid4().hex, plain[2], "fan", {"on": True}, time.time())
+    expired = Command(uuid.uuid4().hex, plain[3], "fan", {"on": True}, time.time(), expires=time.time() - 1)
+
+    async def scenario(recorder: Recorder) -> SimulationSummary:
+        ready = asyncio.Event()
+
+        def on_progress(summary: SimulationSummary) -> None:
+            if all(summary.last_seq[d] >= 1 for d in plain):
+                ready.set()
+
+        simulation = asyncio.create_task(
+            run_simulation(mosquitto.url, fleet=fleet, duration=5.0, connections=4, on_progress=on_progress)
+        )
+        await asyncio.wait_for(ready.wait(), WAIT)
+        for command in (fan_on, unknown, twice, twice, expired):
+            await asyncio.to_thread(recorder.publish, COMMANDS.format(command.device_id), command.encode())
+        return await simulation
+
+    def count(messages: Messages, suffix: str) -> int:  # this test's only: others' statuses are retained
+        return sum(t.endswith(suffix) and t.split("/")[1].startswith(prefix) for t, _, _ in messages)
+
+    topics = [TELEMETRY.subscription, STATUS.subscription, ACKS.subscription]
+    with Recorder(mosquitto.host, mosquitto.port, topics) as recorder:
+        summary = run(scenario(recorder))
+        statuses_sent = summary.sent_by_kind["online"] + summary.sent_by_kind["offline"]
+        assert recorder.wait_for(lambda m: count(m, "/telemetry") >= summary.sent, 30)
+        assert recorder.wait_for(lambda m: count(m, "/ack") >= summary.commands_acked)
+        assert recorder.wait_for(lambda m: count(m, "/status") >= statuses_sent)
+
+    mine = [(t, p, q) for t, p, q in recorder.messages if t.split("/")[1].startswith(prefix)]
+    telemetry = per_device(mine, "/telemetry")
+    statuses = per_device(mine, "/status")
+    assert (summary.devices, summary.connections, summary.errors, summary.unsent) == (2000, 4, 0, 0)
+    assert sum(len(p) for p in telemetry.values()) == summary.sent
+    assert summary.sent_by_kind["online"] >= 2000 and summary.sent_by_kind["offline"] >= 2000
+
+    # Every device: births and goodbyes, and every seq from 1 to its last exactly once.
+    decoder = PayloadDecoder()
+    for device_id, last in summary.last_seq.items():
+        group = device_id.split("-")[-2]
+        payloads = telemetry[device_id]
+        seqs = [seq for payload in payloads for seq in seqs_of(payload)]
+        assert last >= 4 and sorted(seqs) == list(range(1, last + 1)), (device_id, seqs)
+        said = [decode_status(device_id, p)[0] for p in statuses[device_id]]
+        if group in ("flaky", "batchy"):
+            assert said == ["online", "offline", "online", "offline"], (device_id, said)
+        else:
+            assert said == ["online", "offline"], (device_id, said)
+            assert seqs == list(range(1, last + 1)), device_id  # and in order
+        if group == "batchy":
+            arrays = [p for p in payloads if p.startswith(b"[")]
+            assert len(arrays) == 1 and len(decoder.decode(device_id, arrays[0], time.time())) >= 1
+        elif group != "broken":
+            for payload in payloads:
+                decoder.decode(device_id, payload, time.time())  # raises if malformed
+
+    # Malformed messages at about their rate, from the broken group only, each rejected.
+    malformed = 0
+    for device_id, payloads in telemetry.items():
+        for payload in payloads:
+            try:
+                decoder.decode(device_id, payload, time.time())
+            except PayloadError:
+                malformed += 1
+                assert "-broken-" in device_id
+    broken_readings = sum(summary.last_seq[d] for d in summary.last_seq if "-broken-" in d)
+    assert malformed == summary.malformed and 0.12 < malformed / broken_readings < 0.28
+    assert summary.sent_by_kind["burst"] >= 30 and summary.sent_by_kind["batch"] == 30
+    assert summary.disconnects == 60 and summary.dropped == 0
+
+    # Commands, answered as the fleet file says.
+    acks = [CommandAck.decode(t.split("/")[1], p) for t, p, _ in mine if t.endswith("/ack")]
+    by_id = defaultdict(list)
+    for ack in acks:
+        by_id[ack.id].append(ack)
+    assert [a.status for a in by_id[fan_on.id]] == ["ok"]
+    [refused] = by_id[unknown.id]
+    assert refused.status == "error" and "unknown command 'reboot'" in refused.detail
+    assert [(a.status, a.detail) for a in by_id[twice.id]] == [("ok", ""), ("ok", "")]
+    assert [(a.status, a.detail) for a in by_id[expired.id]] == [("error", "expired")]
+    assert (summary.commands_received, summary.commands_acked, summary.commands_repeated) == (5, 5, 1)
+    assert (summary.commands_rejected, summary.commands_expired) == (2, 1)
+    fan_after = [json.loads(p)["fan"] for p in telemetry[fan_on.device_id]]
+    assert fan_after[0] is False and fan_after[-1] is True
+
+
+DROPPING = """\
+types:
+  t:
+    interval: 200ms
+    fields: {{level: {{constant: 1}}}}
+groups:
+  - {{type: t, ids: ["{p}-steady"]}}
+  - type: t
+    ids: ["{p}-dropping"]
+    faults: {{disconnect: {{schedule: [{{at: 1s, for: 1s}}], replay: burst}}}}
+"""
+
+
+def test_a_device_with_its_own_connection_really_drops_it_and_the_broker_sends_its_will(
+    mosquitto: MosquittoBroker,
+) -> None:
+    prefix = unique_prefix("will")
+    steady, dropping = f"{prefix}-steady", f"{prefix}-dropping"
+    fleet = parse_fleet(DROPPING.format(p=prefix))
+    topics = [STATUS.subscription, TELEMETRY.subscription]
+    with Recorder(mosquitto.host, mosquitto.port, topics) as recorder:
+        summary = run(run_simulation(mosquitto.url, fleet=fleet, duration=3.0, connection_per_device=True))
+        assert recorder.wait_for(lambda m: len(per_device(m, "/status")[dropping]) >= 4)
+        assert recorder.wait_for(
+            lambda m: len(per_device(m, "/telemetry")[dropping]) >= summary.last_seq[dropping]
+        )
+
+    said = [decode_status(dropping, p) for p in per_device(recorder.messages, "/status")[dropping]]
+    assert [status for status, _ in said] == ["online", "offline", "online", "offline"]
+    will_ts = said[1][1]
+    assert (
+        will_ts is not None and said[0][1] is not None and will_ts <= said[0][1] + 0.5
+    )  # stamped at connect
+    log = mosquitto.log_text()
+    assert f"Client {dropping} closed its connection." in log  # no DISCONNECT: the will went out
+    assert f"Client {steady} disconnected." in log and f"Client {steady} closed its connection." not in log
+    seqs = [seq for p in per_device(recorder.messages, "/telemetry")[dropping] for seq in seqs_of(p)]
+    assert seqs == list(range(1, summary.last_seq[dropping] + 1))  # the burst, in order, nothing lost
+    assert (summary.connections, summary.disconnects, summary.reconnects, summary.errors) == (2, 1, 0, 0)
+
+
+def test_the_example_fleets_run_and_what_they_send_fits_the_example_registry(
+    mosquitto: MosquittoBroker,
+) -> None:
+    registry = parse_registry((ROOT / "deploy/devices.example.yaml").read_text(encoding="utf-8"), "registry")
+    decoder = PayloadDecoder()
+    for name in ("greenhouse.yaml", "cold-storage.yaml"):
+        fleet = read_fleet_file(ROOT / "deploy" / "fleets" / name)
+        with Recorder(
+            mosquitto.host, mosquitto.port, [STATUS.subscription, TELEMETRY.subscription]
+        ) as recorder:
+            summary = run(run_simulation(mosquitto.url, fleet=fleet, duration=2.0))
+            assert recorder.wait_for(lambda m: len(per_device(m, "/telemetry")) > 0)
+        ids = {device_id for device_id, _ in fleet.devices()}
+        statuses = per_device(recorder.messages, "/status")
+        assert ids <= set(statuses) and summary.errors == 0, name
+        for device_id, payloads in per_device(recorder.messages, "/telemetry").items():
+            if device_id not in ids:
+                continue
+            for payload in payloads:
+                events = decoder.decode(device_id, payload, time.time())
+                validator = registry.validators.get(device_id)
+                for event in events:
+                    if validator is not None:
+                        validator.check(event)
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+SMALL_FLEET = """\
+seed: 3
+types:
+  t:
+    interval: 200ms
+    fields: {{temperature: {{constant: 20, noise: 0.5}}}}
+groups:
+  - {{type: t, ids: "{p}-{{01..20}}"}}
+"""
+
+
+@pytest.mark.parametrize("form", ["fleet", "quick"])
+def test_the_command_stops_cleanly_on_a_signal_and_prints_the_summary(
+    mosquitto: MosquittoBroker, tmp_path: Path, form: str
+) -> None:
+    if form == "fleet":
+        prefix = unique_prefix("cli")
+        fleet_file = tmp_path / "fleet.yaml"
+        fleet_file.write_text(SMALL_FLEET.format(p=prefix), encoding="utf-8")
+        ids = [f"{prefix}-{n:02d}" for n in range(1, 21)]
+        devices = ["--fleet", str(fleet_file)]
+        sig = signal.SIGINT
+    else:
+        ids = device_ids(20)  # the quick form's ids: sim-0001 ...
+        devices = ["--devices", "20", "--rate", "5", "--seed", "3"]
+        sig = signal.SIGTERM
+    command = [sys.executable, "-m", "gateway.cli", "simulate", "--broker", mosquitto.url, *devices,
+               "--connections", "2", "--json"]  # fmt: skip
+    topics = [STATUS.format(d) for d in ids] + [TELEMETRY.format(d) for d in ids]
+    with Recorder(mosquitto.host, mosquitto.port, topics) as recorder:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert recorder.wait_for(lambda m: len(per_device(m, "/telemetry")) == 20, 20)
+            process.send_signal(sig)
+            out, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 0, err
+        summary = json.loads(out)
+
+        def all_said_goodbye(messages: Messages) -> bool:  # a clean stop: each device published "offline"
+            statuses = per_device(messages, "/status")
+            return len(statuses) == 20 and all(
+                decode_status(d, p[-1])[0] == "offline" for d, p in statuses.items()
+            )
+
+        assert recorder.wait_for(all_said_goodbye)
+    assert summary["devices"] == 20 and summary["connections"] == 2 and summary["seed"] == 3
+    assert summary["sent"] == sum(summary["last_seq"].values()) >= 20 and summary["errors"] == 0
+    assert summary["sent_by_kind"]["offline"] == 20
+
+
+def password_file(tmp_path: Path, user: str, password: str) -> Path:
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), user, password], check=True)
+    passwords.chmod(0o644)
+    return passwords
+
+
+def test_tls_with_a_client_certificate_and_a_password(
+    mosquitto_with: StartMosquitto, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    port = free_port()
+    secret = "sim-pw-4b1d-never-shown"
+    passwords = password_file(tmp_path, "sim", secret)
+    listener = tls_listener(port, tls_files.server, tls_files.ca.cert, require_certificate=True)
+    broker = mosquitto_with(
+        [*listener, "allow_anonymous false", f"password_file {passwords}"], per_listener_settings=True
+    )
+    url = f"mqtts://127.0.0.1:{port}"
+
+    def simulate(ca_file: Path, password: str) -> Coroutine[Any, Any, SimulationSummary]:
+        return run_simulation(
+            url, devices=2, rate=10.0, duration=1.0, username="sim", password=password, ca_file=ca_file,
+            cert_file=tls_files.client.cert, key_file=tls_files.client.key,
+        )  # fmt: skip
+
+    summary = run(simulate(tls_files.ca.cert, secret))
+    assert summary.errors == 0 and min(summary.last_seq.values()) >= 5
+    with pytest.raises(BrokerUnavailableError) as wrong_ca:
+        run(simulate(tls_files.other_ca.cert, secret))
+    assert "certificate verify failed" in str(wrong_ca.value)
+    with pytest.raises(BrokerUnavailableError) as wrong_password:
+        run(simulate(tls_files.ca.cert, "nope"))
+    assert "Not authorized" in str(wrong_password.value)
+    assert secret not in str(wrong_password.value) and "nope" not in str(wrong_password.value)
+    assert broker.running
 
 
 # -- the embedded brokers ----------------------------------------------------------------------------

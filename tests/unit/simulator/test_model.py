@@ -1,153 +1,341 @@
-"""The simulated device model: readings, sequence numbers, fan physics and command handling."""
+"""The simulated device: readings, seq numbers, faults and commands, driven with explicit times."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import random
+import re
+import statistics
+import textwrap
+from collections import Counter
 from typing import Any
 
 import pytest
 
-from devices.command import Command
-from devices.event import FieldValue
+from devices.command import Command, CommandAck
+from devices.errors import PayloadError
 from devices.payload import PayloadDecoder
-from simulator.model import SimulatedDevice, ThermalProfile
+from devices.status import decode_status
+from simulator.fleet import parse_fleet, quick_fleet
+from simulator.model import SimulatedDevice
 
-T0 = 1_764_000_000.0  # epoch seconds; inside the decoder's accepted window
-STILL = ThermalProfile(hot=40.0, cold=18.0, time_constant=15.0, noise=0.0)
+T0 = 1_764_000_000.0
+SEQ_RE = re.compile(rb'"seq":(\d+)')
+DECODER = PayloadDecoder()
 
-
-def device(seed: int = 1, **kwargs: Any) -> SimulatedDevice:
-    return SimulatedDevice("gh-1", random.Random(seed), **kwargs)
-
-
-def fan(on: object, command_id: str = "c1") -> Command:
-    return Command(command_id, "gh-1", "fan", {"on": on}, T0)
-
-
-def readings(d: SimulatedDevice, seconds: float, step: float = 0.5) -> list[dict[str, FieldValue]]:
-    return [d.reading(T0 + i * step) for i in range(int(seconds / step) + 1)]
-
-
-def test_same_seed_same_readings_other_seed_other_readings() -> None:
-    first = readings(device(seed=7), 20)
-    assert readings(device(seed=7), 20) == first
-    assert readings(device(seed=8), 20) != first
+BASE = """\
+types:
+  t:
+    interval: 10s
+    jitter: 0%
+    fields:
+      temperature: {random_walk: {start: 20, step: 0.2}, noise: 0.1}
+      door: {constant: false}
+{extra}
+groups:
+  - {type: t, ids: [dev-1]}
+"""
 
 
-def test_seq_starts_at_1_and_increments_by_one_per_reading() -> None:
-    d = device()
-    assert [r["seq"] for r in readings(d, 5)] == list(range(1, 12))
-    assert d.seq == 11
+def device(extra: str = "", *, seed: int = 1, device_id: str = "dev-1") -> SimulatedDevice:
+    text = BASE.replace("{extra}", textwrap.indent(textwrap.dedent(extra), "    "))
+    fleet = parse_fleet(text, "test.yaml")
+    return SimulatedDevice(device_id, fleet.groups[0].spec, seed=seed, start=T0)
 
 
-def test_reading_is_a_telemetry_payload_the_gateway_decodes() -> None:
-    d = device()
-    d.reading(T0)
-    reading = d.reading(T0 + 0.5)
-    [event] = PayloadDecoder().decode("gh-1", json.dumps(reading).encode(), T0 + 0.6)
-    assert event.ts == T0 + 0.5
-    assert event.seq == 2
-    assert set(event.fields) == {"temperature", "humidity", "fan"}
-    assert event.fields["fan"] is False
+def run(d: SimulatedDevice, seconds: float) -> list[tuple[float, Any]]:
+    """Step `d` at its due times for `seconds`; return (time, message) for everything it sent."""
+    sent = []
+    while d.next_due <= T0 + seconds:
+        now = d.next_due
+        sent += [(now, message) for message in d.step(now)]
+    return sent
 
 
-def test_first_reading_reports_the_starting_state() -> None:
-    d = device(temperature=24.0, humidity=50.0, profile=STILL)
-    assert d.reading(T0) == {"ts": T0, "seq": 1, "temperature": 24.0, "humidity": 50.0, "fan": False}
+def telemetry(sent: list[tuple[float, Any]]) -> list[tuple[float, Any]]:
+    return [(t, m) for t, m in sent if m.channel == "telemetry"]
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_fan_off_heats(seed: int) -> None:
-    d = device(seed, temperature=25.0)
-    readings(d, 10)
-    assert d.temperature > 28.0  # noise-free: 32.3 °C after 10 s
+def seq_of(payload: bytes) -> int:
+    match = SEQ_RE.search(payload)
+    assert match is not None, payload[:80]
+    return int(match.group(1))
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_fan_on_cools(seed: int) -> None:
-    d = device(seed, temperature=32.0, fan_on=True)
-    readings(d, 10)
-    assert d.temperature < 28.0  # noise-free: 24.9 °C after 10 s
+def test_same_seed_same_messages_other_seed_other_values() -> None:
+    first = [m.payload for _, m in run(device(seed=7), 600)]
+    assert [m.payload for _, m in run(device(seed=7), 600)] == first
+    assert [m.payload for _, m in run(device(seed=8), 600)] != first
+    # the seed is per device: another id with the same seed reads differently
+    assert [m.payload for _, m in run(device(seed=7, device_id="dev-2"), 600)] != first
 
 
-def test_noise_free_temperature_follows_the_profile_exactly() -> None:
-    d = device(temperature=25.0, profile=STILL)
-    d.reading(T0)
-    # 40 - 15 * exp(-15 / 15): one time constant takes 63 % of the way to the hot level
-    assert d.reading(T0 + 15.0)["temperature"] == pytest.approx(34.48, abs=0.01)
+def test_readings_carry_ts_seq_and_the_fields_and_decode_as_the_gateway_does() -> None:
+    sent = run(device(), 100)
+    assert [m.kind for _, m in sent] == ["reading"] * len(sent)
+    for i, (now, message) in enumerate(sent, start=1):
+        assert message.device_id == "dev-1" and message.seqs == (i,)
+        [event] = DECODER.decode(message.device_id, message.payload, now)
+        assert event.seq == i and event.ts == pytest.approx(now, abs=0.001)
+        assert set(event.fields) == {"temperature", "door"}
+    times = [now for now, _ in sent]
+    assert times[1] - times[0] == pytest.approx(10.0)  # jitter 0
 
 
-def test_step_size_does_not_change_the_noise_free_curve() -> None:
-    coarse, fine = device(temperature=25.0, profile=STILL), device(temperature=25.0, profile=STILL)
-    readings(coarse, 12, step=4.0)
-    readings(fine, 12, step=0.1)
-    assert coarse.temperature == pytest.approx(fine.temperature, rel=1e-9)
-    assert coarse.temperature > 30.0
+def test_jitter_spreads_intervals_within_its_bounds_and_the_first_reading_within_one_interval() -> None:
+    spec_text = BASE.replace("jitter: 0%", "jitter: 20%").replace("{extra}", "")
+    d = SimulatedDevice("dev-1", parse_fleet(spec_text).groups[0].spec, seed=3, start=T0)
+    times = [t for t, _ in run(d, 5000)]
+    assert T0 <= times[0] < T0 + 10
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(8.0 <= gap <= 12.0 for gap in gaps) and statistics.mean(gaps) == pytest.approx(10.0, rel=0.02)
+    assert statistics.stdev(gaps) > 0.5
 
 
-def test_time_running_backwards_changes_nothing() -> None:
-    d = device(temperature=25.0, profile=STILL)
-    d.reading(T0 + 10)
-    assert d.reading(T0)["temperature"] == 25.0
+def test_clock_skew_is_fixed_per_device_within_its_range() -> None:
+    skews = set()
+    for seed in range(30):
+        d = device("clock_skew: -5s..5s", seed=seed)
+        sent = run(d, 60)
+        offsets = {round(json.loads(m.payload)["ts"] - now, 2) for now, m in sent}
+        assert len(offsets) == 1
+        skews |= offsets
+    assert all(-5.0 <= s <= 5.0 for s in skews) and len(skews) > 20
 
 
-def test_fan_command_switches_the_fan_and_is_acked_ok() -> None:
-    d = device()
-    ack = d.handle(fan(True, "abc123"), T0)
-    assert (ack.id, ack.device_id, ack.status, ack.detail) == ("abc123", "gh-1", "ok", "")
-    assert d.fan_on is True
-    assert d.reading(T0 + 1)["fan"] is True
-    assert d.handle(fan(False), T0 + 2).status == "ok"
-    assert d.fan_on is False
+REASONS = {
+    "bad_json": "invalid JSON: (?!NaN)",
+    "nan": "NaN is not a number",
+    "wrong_type": "must be a number, bool or string",
+    "oversize": "exceeds 65536",
+    "not_utf8": "not UTF-8",
+    "empty": "empty payload",
+}
 
 
-def test_command_time_splits_heating_and_cooling() -> None:
-    d = device(temperature=25.0, profile=STILL)
-    d.reading(T0)
-    d.handle(fan(True), T0 + 15.0)  # 15 s of heating first
-    assert d.temperature == pytest.approx(34.48, abs=0.01)
-    assert d.reading(T0 + 30.0)["temperature"] == pytest.approx(18 + (34.48 - 18) * 0.3679, abs=0.01)
+def test_malformed_messages_come_at_their_rate_in_every_kind_and_the_gateway_rejects_them() -> None:
+    d = device(f"faults: {{malformed: {{rate: 5%, kinds: [{', '.join(REASONS)}]}}}}")
+    sent = telemetry(run(d, 200_000))  # 20,000 readings
+    malformed = [m for _, m in sent if m.kind == "malformed"]
+    assert len(malformed) / len(sent) == pytest.approx(0.05, rel=0.1)
+    assert [m.seqs[0] for _, m in sent] == list(range(1, len(sent) + 1))  # a broken one uses up its seq
+    kinds: Counter[str] = Counter()
+    for message in malformed:
+        with pytest.raises(PayloadError) as rejected:
+            DECODER.decode("dev-1", message.payload, T0)
+        [kind] = [kind for kind, reason in REASONS.items() if re.search(reason, rejected.value.reason)]
+        kinds[kind] += 1
+        if kind not in ("empty", "not_utf8"):
+            assert seq_of(message.payload) == message.seqs[0]  # the checker can still tell which
+    assert set(kinds) == set(REASONS) and min(kinds.values()) > len(malformed) / 6 * 0.7, kinds
 
 
-def test_unknown_command_is_acked_with_an_error_and_changes_nothing() -> None:
-    d = device()
-    ack = d.handle(Command("x9", "gh-1", "open_window", {}, T0), T0)
-    assert (ack.id, ack.status) == ("x9", "error")
-    assert "open_window" in ack.detail
-    assert d.fan_on is False
-    assert json.loads(ack.encode()) == {"id": "x9", "status": "error", "detail": ack.detail}
+def test_every_malformed_kind_is_rejected_for_the_reason_it_is_meant_to_be() -> None:
+    for kind, reason in REASONS.items():
+        d = device(f"faults: {{malformed: {{rate: 100%, kinds: [{kind}]}}}}")
+        for _, message in run(d, 100):
+            with pytest.raises(PayloadError, match=reason):
+                DECODER.decode("dev-1", message.payload, T0)
 
 
-@pytest.mark.parametrize("params", [{}, {"on": "yes"}, {"on": 1}, {"speed": "high"}])
-def test_fan_without_a_boolean_on_is_an_error(params: dict[str, object]) -> None:
-    d = device()
-    ack = d.handle(Command("c", "gh-1", "fan", params, T0), T0)
-    assert ack.status == "error" and "params.on" in ack.detail
-    assert d.fan_on is False
+def test_late_readings_arrive_later_with_their_old_ts_and_seq() -> None:
+    d = device("faults: {late: {rate: 10%, by: 30s..60s}}")
+    sent = telemetry(run(d, 100_000))
+    late = [(now, m) for now, m in sent if m.kind == "late"]
+    assert len(late) / len(sent) == pytest.approx(0.10, rel=0.15)
+    for now, message in late:
+        ts = json.loads(message.payload)["ts"]
+        assert 30.0 - 10.0 <= now - ts <= 60.0  # held for 30-60 s, released at the next reading after
+    seqs = [m.seqs[0] for _, m in sent]
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))  # each seq exactly once...
+    assert seqs != sorted(seqs)  # ...but not in order
 
 
-def test_humidity_stays_in_range() -> None:
-    values = [float(r["humidity"]) for r in readings(device(3), 600, step=5.0)]
-    assert all(5.0 <= v <= 95.0 for v in values)
-    assert max(values) - min(values) > 1.0  # it does move
+def test_out_of_order_readings_come_after_the_next_n() -> None:
+    d = device("faults: {out_of_order: {rate: 5%, by: 2..2}}")
+    sent = telemetry(run(d, 50_000))
+    seqs = [m.seqs[0] for _, m in sent]
+    shuffled = [m.seqs[0] for _, m in sent if m.kind == "out_of_order"]
+    assert len(shuffled) / len(sent) == pytest.approx(0.05, rel=0.2)
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    alone = [seq for seq in shuffled if not {seq - 2, seq - 1, seq + 1, seq + 2} & set(shuffled)]
+    assert len(alone) > len(shuffled) / 2
+    for seq in alone:
+        if seq + 2 < len(seqs):
+            position = seqs.index(seq)
+            assert seqs[position - 2 : position] == [seq + 1, seq + 2]
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_demo_rule_alarms_fire_and_clear_repeatedly(seed: int) -> None:
-    """Drive a device with the demo's rule (fan on above 30 °C, off below 26 °C) for a simulated minute."""
-    d = device(seed)
-    alarm, raised, cleared, first_raise = False, 0, 0, None
-    for i in range(120):  # 2 readings/s
-        now = T0 + i * 0.5
-        temperature = d.reading(now)["temperature"]
-        assert isinstance(temperature, float)
-        if not alarm and temperature > 30:
-            alarm, raised = True, raised + 1
-            first_raise = now - T0 if first_raise is None else first_raise
-            assert d.handle(fan(True, f"on{i}"), now + 0.05).status == "ok"
-        elif alarm and temperature < 26:
-            alarm, cleared = False, cleared + 1
-            assert d.handle(fan(False, f"off{i}"), now + 0.05).status == "ok"
-    assert first_raise is not None and first_raise <= 15.0
-    assert raised >= 3 and cleared >= 3  # a raise-and-clear cycle every 8-20 s
+def test_a_scheduled_disconnect_buffers_and_replays_as_a_burst_with_the_original_seqs() -> None:
+    d = device("faults: {disconnect: {schedule: [{at: 60s, for: 55s}], replay: burst}}")
+    sent = run(d, 300)
+    statuses = [(now - T0, decode_status("dev-1", m.payload)[0]) for now, m in sent if m.channel == "status"]
+    assert [s for _, s in statuses] == ["offline", "online"]
+    went, back = statuses[0][0], statuses[1][0]
+    assert 60 <= went < 70 and 115 <= back < 125
+    burst = [m for _, m in sent if m.kind == "burst"]
+    assert 5 <= len(burst) <= 6  # readings taken while away
+    seqs = [m.seqs[0] for _, m in telemetry(sent)]
+    assert seqs == list(range(1, len(seqs) + 1))  # the burst comes back in order, before newer readings
+    kinds = [m.kind for _, m in sent]
+    assert kinds.index("online") == kinds.index("burst") - 1
+    assert d.disconnects == 1 and d.dropped == 0
+
+
+def test_batch_replay_sends_arrays_the_gateway_decodes() -> None:
+    d = device("faults: {disconnect: {schedule: [{at: 1m, for: 10m}], buffer: 1000, replay: batch}}")
+    sent = telemetry(run(d, 1200))
+    [batch] = [m for _, m in sent if m.kind == "batch"]
+    events = DECODER.decode("dev-1", batch.payload, T0 + 1200)
+    assert [e.seq for e in events] == list(batch.seqs) and len(events) == 60
+    assert [s for _, m in sent for s in m.seqs] == list(range(1, d.seq + 1))
+
+
+def test_a_full_buffer_drops_the_oldest_and_counts_them() -> None:
+    d = device("faults: {disconnect: {schedule: [{at: 1m, for: 10m}], buffer: 20}}")
+    sent = telemetry(run(d, 1200))
+    seqs = [s for _, m in sent for s in m.seqs]
+    missing = sorted(set(range(1, d.seq + 1)) - set(seqs))
+    assert d.dropped == len(missing) == 40  # 60 readings offline, 20 kept: the newest
+    assert missing == list(range(missing[0], missing[0] + 40))
+
+
+def test_replay_drop_loses_what_was_read_offline() -> None:
+    d = device("faults: {disconnect: {schedule: [{at: 1m, for: 1m}], replay: drop}}")
+    sent = telemetry(run(d, 300))
+    assert d.dropped == 6 and len(sent) == d.seq - 6
+
+
+def test_random_disconnects_happen_at_their_probability() -> None:
+    d = device("faults: {disconnect: {probability: 1%, for: 20s}}")
+    run(d, 300_000)  # 30,000 readings, roughly 3 spent offline per disconnect
+    assert d.disconnects == pytest.approx(30_000 / (100 + 3), rel=0.15)
+
+
+def test_every_disconnect_repeat_and_commands_while_offline_are_answered_on_reconnect() -> None:
+    d = device(
+        """\
+        commands:
+          open: {effects: {door: {set: true}}}
+        faults: {disconnect: {schedule: [{at: 60s, every: 10m, for: 30s}]}}
+        """
+    )
+    run(d, 75)
+    assert not d.online
+    assert d.handle(Command("c1", "dev-1", "open", {}, T0 + 76), T0 + 76) == []  # held, like a broker
+    sent = run(d, 200)
+    acks = [m for _, m in sent if m.channel == "ack"]
+    assert [CommandAck.decode("dev-1", m.payload).status for m in acks] == ["ok"]
+    assert json.loads(telemetry(sent)[-1][1].payload)["door"] is True
+    run(d, 1300)
+    assert d.disconnects == 3  # at 1m, 11m and 21m
+
+
+QUICK = quick_fleet(1, 1.0, "gh").groups[0].spec
+
+
+def quick_device() -> SimulatedDevice:
+    return SimulatedDevice("gh-0001", QUICK, seed=1, start=T0)
+
+
+def fan(on: object, command_id: str = "c1", **extra: Any) -> Command:
+    return Command(command_id, "gh-0001", "fan", {"on": on}, T0, **extra)
+
+
+def readings(d: SimulatedDevice, seconds: float) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for _, m in telemetry(run(d, seconds))]
+
+
+def test_the_quick_form_heats_up_and_the_fan_cools_it_down() -> None:
+    d = quick_device()
+    first = readings(d, 30)
+    assert 22.0 <= first[0]["temperature"] <= 28.5 and first[-1]["temperature"] > 33.0
+    [ack] = d.handle(fan(True), T0 + 30)
+    assert (ack.channel, CommandAck.decode("gh-0001", ack.payload).status) == ("ack", "ok")
+    cooled = readings(d, 90)
+    assert cooled[-1]["fan"] is True and cooled[-1]["temperature"] < 21.0
+    d.handle(fan(False, "c2"), T0 + 90)
+    warmed = readings(d, 150)
+    assert warmed[-1]["fan"] is False and warmed[-1]["temperature"] > 35.0
+
+
+def test_unknown_commands_and_params_that_match_no_behaviour_are_acked_error() -> None:
+    d = quick_device()
+    [unknown] = d.handle(Command("c1", "gh-0001", "self_destruct", {}, T0), T0)
+    ack = CommandAck.decode("gh-0001", unknown.payload)
+    assert ack.status == "error" and "'self_destruct'" in ack.detail and "'fan'" in ack.detail
+    [bad] = d.handle(fan("yes", "c2"), T0)
+    ack = CommandAck.decode("gh-0001", bad.payload)
+    assert ack.status == "error" and "{on: true} or {on: false}" in ack.detail and bad.kind == "ack_error"
+    [one] = d.handle(fan(1, "c3"), T0)  # 1 is not true
+    assert CommandAck.decode("gh-0001", one.payload).status == "error"
+
+
+def test_a_repeated_command_id_gets_the_same_ack_and_is_not_run_twice() -> None:
+    d = device(
+        """\
+        commands:
+          bump: {effects: {temperature: {rate: 1, for: 10s}}}
+        """
+    )
+    run(d, 20)
+    [first] = d.handle(Command("same", "dev-1", "bump", {}, T0 + 20), T0 + 20)
+    [again] = d.handle(Command("same", "dev-1", "bump", {}, T0 + 25), T0 + 25)
+    assert (first.kind, again.kind) == ("ack", "ack_repeat") and first.payload == again.payload
+    once = device(
+        """\
+        commands:
+          bump: {effects: {temperature: {rate: 1, for: 10s}}}
+        """
+    )
+    run(once, 20)
+    once.handle(Command("same", "dev-1", "bump", {}, T0 + 20), T0 + 20)
+    assert [m.payload for _, m in run(d, 100)] == [m.payload for _, m in run(once, 100)]
+
+
+def test_an_expired_command_is_acked_error_expired_and_not_run() -> None:
+    d = quick_device()
+    [late] = d.handle(fan(True, expires=T0 + 5), T0 + 6)
+    ack = CommandAck.decode("gh-0001", late.payload)
+    assert (ack.status, ack.detail, late.kind) == ("error", "expired", "ack_expired")
+    assert all(r["fan"] is False for r in readings(d, 30))
+    [in_time] = d.handle(fan(True, "c2", expires=T0 + 100), T0 + 31)
+    assert CommandAck.decode("gh-0001", in_time.payload).status == "ok"
+
+
+def test_command_faults_error_and_ignore_at_their_rates() -> None:
+    d = device(
+        """\
+        commands:
+          ping: {effects: {}}
+        faults: {commands: {error: 10%, ignore: 5%}}
+        """
+    )
+    outcomes: Counter[str] = Counter()
+    for i in range(4000):
+        answer = d.handle(Command(f"c{i}", "dev-1", "ping", {}, T0), T0)
+        outcomes["ignored" if not answer else CommandAck.decode("dev-1", answer[0].payload).status] += 1
+    assert outcomes["ignored"] / 4000 == pytest.approx(0.05, rel=0.2) and d.ignored == outcomes["ignored"]
+    assert outcomes["error"] / 4000 == pytest.approx(0.10, rel=0.15)
+
+
+def test_commands_draw_from_their_own_rng_so_telemetry_stays_the_same() -> None:
+    extra = """\
+        commands:
+          ping: {effects: {}}
+        faults: {commands: {error: 50%}, malformed: {rate: 10%}}
+        """
+    plain, busy = device(extra), device(extra)
+    sent_plain = run(plain, 300)
+    sent_busy = []
+    while busy.next_due <= T0 + 300:
+        busy.handle(Command(f"c{busy.seq}", "dev-1", "ping", {}, busy.next_due - 1), busy.next_due - 1)
+        sent_busy += [(busy.next_due, m) for m in busy.step(busy.next_due)]
+    assert [m.payload for _, m in sent_plain] == [m.payload for _, m in sent_busy]
+
+
+def test_birth_and_goodbye_are_status_messages_the_gateway_reads() -> None:
+    d = device("clock_skew: 3s")
+    assert decode_status("dev-1", d.birth(T0).payload) == ("online", T0 + 3)
+    goodbye = d.goodbye(T0 + 10)
+    assert goodbye.retain and decode_status("dev-1", goodbye.payload) == ("offline", T0 + 13)

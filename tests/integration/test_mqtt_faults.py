@@ -391,15 +391,7 @@ def stored_seqs(influx: InfluxDBServer, database: str) -> dict[str, set[int]]:
 @pytest.mark.parametrize(
     "kills",
     [
-        pytest.param(5, id="5-kills"),
-        pytest.param(
-            20,
-            id="20-kills",
-            marks=[
-                pytest.mark.soak,
-                pytest.mark.timeout(180),
-            ],
-        ),
+        pytest.param(20, id="20-kills", marks=pytest.mark.timeout(180)),
     ],
 )
 def test_m4_sigkill_at_random_moments_loses_nothing(

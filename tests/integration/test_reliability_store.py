@@ -184,6 +184,7 @@ class Watch:
     received: list[tuple[float, int]] = field(default_factory=list)  # (seconds into the stall, received)
 
 
+@pytest.mark.timeout(240)
 def test_m10_a_stopped_influxdb_holds_the_flow_within_bounds_and_loses_nothing(
     mosquitto_tuned: StartTunedMosquitto, own_influxd: InfluxDBServer, tmp_path: Path
 ) -> None:
@@ -202,7 +203,7 @@ def test_m10_a_stopped_influxdb_holds_the_flow_within_bounds_and_loses_nothing(
     )
     log_path = tmp_path / "tidegate.log"
     watch = Watch()
-    stall = 7.0  # the store answers nothing this long; reading stops after about 3.5 s of it
+    stall = 60.0  # the store answers nothing for a minute (issue 4); reading stops after about 3.5 s of it
 
     def status() -> dict[str, Any]:
         response = httpx.get(f"http://127.0.0.1:{port}/status", timeout=2.0)
@@ -248,7 +249,7 @@ def test_m10_a_stopped_influxdb_holds_the_flow_within_bounds_and_loses_nothing(
                     stored = stored_seqs(own_influxd, database)
                     return all(seqs <= stored.get(d, set()) for d, seqs in sent.items())
 
-                await until(complete, f"all {published} messages in InfluxDB", 30)
+                await until(complete, f"all {published} messages in InfluxDB", 90)
                 drain = time.monotonic() - resumed
                 await until(lambda: status()["in_flight"] == 0 and status()["spool_points"] == 0, "settled")
                 final = status()

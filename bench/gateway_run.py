@@ -57,7 +57,8 @@ class GatewayJob:
     profile_path: str = ""
     windowed: bool = False
     latency: bool = False
-    gc_freeze: bool = False
+    gc_freeze: bool = True  # as `tidegate run` does after start-up
+    gc_threshold: tuple[int, ...] = ()  # what-if: gc.set_threshold(*gc_threshold); () keeps the default
     connect_timeout: float = 15.0
 
 
@@ -307,6 +308,12 @@ async def _run(job: GatewayJob, ready: Event) -> dict[str, Any]:
         log_level="WARNING",
     )
     gateway = Gateway(settings, rule_set=build_rule_set(rule_files(job.windowed)), store=store)
+    if job.gc_freeze:
+        # as `tidegate run` (gateway/cli.py cmd_run) does once the gateway is built: what is alive
+        # after start-up (modules, settings, compiled rules) stays out of every later collection
+        gc.freeze()
+    if job.gc_threshold:
+        gc.set_threshold(*job.gc_threshold)
     gc_pauses = GcPauses()
     window = _Window(job, gc_pauses)
     ingest = gateway.ingest
@@ -327,10 +334,6 @@ async def _run(job: GatewayJob, ready: Event) -> dict[str, Any]:
     try:
         async with asyncio.timeout(job.connect_timeout):
             await gateway.mqtt.connected.wait()
-        if job.gc_freeze:
-            # what-if for a gateway change: move everything alive after start-up (modules, settings,
-            # rules) out of the collector's reach, so full collections only walk what ingest made
-            gc.freeze()
         ready.set()
         with gc_pauses:
             await _until_done_or_idle(job, gateway, store, window)

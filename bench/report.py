@@ -150,6 +150,13 @@ def render(results: dict[str, Any]) -> str:
         f"{config['devices']:,} devices, {config['rules']}, {config['publishers']} publisher processes, "
         f"MQTT {config['protocol']}; burst published at {load.get('rate', 0):,.0f} msg/s"
     )
+    gc_notes = [] if config.get("gc_freeze", True) else ["no gc.freeze()"]
+    if config.get("gc_threshold"):
+        gc_notes.append(f"gc.set_threshold{tuple(config['gc_threshold'])}")
+    if gc_notes:
+        out.append(
+            f"what-if: tidegate ran with {', '.join(gc_notes)} (tidegate run: gc.freeze(), default thresholds)"
+        )
     out.append(
         f"machine: {results['machine']['cpus']} CPUs, load average {results['machine']['loadavg_start']} at start, {results['machine'].get('loadavg_end', '?')} at end"
     )
@@ -282,7 +289,7 @@ def render(results: dict[str, Any]) -> str:
             gc_worst = max((g["max"] for g in (r.get("gc_pauses_ms") or {}).values()), default=0.0)
             out.append(
                 f"  {r['name']} {r['fraction']:.2f}: publishers used {publishers:.0f} % of a core; event loop late by p99 {lag.get('p99', 0):.1f} / max "
-                f"{lag.get('max', 0):.1f} ms; per batch, the batcher's callbacks (acks) take mean "
+                f"{lag.get('max', 0):.1f} ms; per batch, the writer holds the loop after the write (its callbacks: acks) for mean "
                 f"{after.get('mean', 0):.1f} / max {after.get('max', 0):.1f} ms and this bench's bookkeeping "
                 f"{record.get('mean', 0):.1f} / {record.get('max', 0):.1f} ms; publish -> gateway sends the "
                 f"command p50 {_ms(send, 'p50')} / p99 {_ms(send, 'p99')} ms; longest GC pause {gc_worst:.1f} ms"

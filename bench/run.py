@@ -63,12 +63,14 @@ class BenchConfig:
     trigger_fraction: float = 0.01
     protocol: str = "5"
     paced: tuple[float, ...] = (0.5,)
+    paced_rates: tuple[float, ...] = ()  # absolute offered loads (msg/s), the same whatever the saturation
     paced_seconds: float = 15.0
     influx: bool = True
     qos0: bool = True
     cprofile: bool = False
     windowed: bool = True
-    gc_freeze: bool = False
+    gc_freeze: bool = True
+    gc_threshold: tuple[int, ...] = ()
     batch_size: int = 5_000
     flush_interval: float = 1.0
     max_pending: int = 50_000
@@ -305,6 +307,7 @@ class Bench:
             windowed=config.windowed,
             latency=latency,
             gc_freeze=config.gc_freeze,
+            gc_threshold=config.gc_threshold,
         )
         return _Child(self.ctx, f"tidegate ({store})", gateway_main, (job, ready)), ready
 
@@ -317,7 +320,7 @@ class Bench:
         config = self.config
         rate = saturation * fraction
         messages = max(config.publishers, int(rate * config.paced_seconds))
-        label = f"paced{store}{round(fraction * 100)}"
+        label = f"paced{store}{round(fraction * 100)}-{round(rate)}"
         client_id = f"tidegate-{self.run_id}-{label}"
         create_session(
             self.broker.host,
@@ -453,10 +456,12 @@ def run(config: BenchConfig, out: Path, log: Callable[[str], None] = print) -> d
         for name, store in (("tidegate null", "null"), ("tidegate influxdb", "influx")):
             if name not in rows:
                 continue
-            for fraction in config.paced:
-                log(f"paced: {name} at {fraction:.2f} of {primary_rate(rows[name]):,.0f} msg/s ...")
-                results["paced"].append(bench.paced(name, store, fraction, primary_rate(rows[name])))  # type: ignore[arg-type]
-                phase(f"paced {name} {fraction}")
+            saturation = primary_rate(rows[name])
+            fractions = [*config.paced, *(rate / saturation for rate in config.paced_rates if saturation > 0)]
+            for fraction in fractions:
+                log(f"paced: {name} at {fraction:.2f} of {saturation:,.0f} msg/s ...")
+                results["paced"].append(bench.paced(name, store, fraction, saturation))  # type: ignore[arg-type]
+                phase(f"paced {name} {fraction:.2f}")
         results["notes"] = bench.notes
     phase("shutdown")
     results["machine"]["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -481,6 +486,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paced", default="0.5", help="paced loads as fractions of saturation, comma-separated (default 0.5)"
     )
+    parser.add_argument(
+        "--paced-rates",
+        default="",
+        help="paced loads in msg/s, comma-separated, run after the --paced fractions: the same load for "
+        "every variant being compared, where a fraction of a faster gateway's saturation is more load",
+    )
     parser.add_argument("--paced-seconds", type=float, help="length of each paced run (default 15; quick 2)")
     parser.add_argument("--trigger-fraction", type=float, default=0.01, help="messages that fire a command")
     parser.add_argument("--no-influx", action="store_true", help="skip the InfluxDB runs")
@@ -495,7 +506,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="ten threshold rules instead of the issue's workload (7 threshold + 3 windowed)",
     )
     parser.add_argument(
-        "--gc-freeze", action="store_true", help="what-if: gc.freeze() in tidegate once it is connected"
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="what-if: leave out the gc.freeze() that `tidegate run` makes once the gateway is built",
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        metavar="N[,N1[,N2]]",
+        default="",
+        help="what-if: gc.set_threshold(N, ...) in tidegate (the collector's generation thresholds)",
     )
     parser.add_argument("--batch-size", type=int, default=5_000, help="tidegate batch.size")
     parser.add_argument("--flush-interval", type=float, default=1.0, help="tidegate batch.flush_interval (s)")
@@ -514,12 +534,14 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         trigger_fraction=args.trigger_fraction,
         protocol=args.protocol,
         paced=tuple(float(part) for part in args.paced.split(",") if part.strip()),
+        paced_rates=tuple(float(part) for part in args.paced_rates.split(",") if part.strip()),
         paced_seconds=args.paced_seconds or (2.0 if quick else 15.0),
         influx=not args.no_influx,
         qos0=not args.no_qos0,
         cprofile=args.cprofile,
         windowed=args.windowed,
         gc_freeze=args.gc_freeze,
+        gc_threshold=tuple(int(part) for part in args.gc_threshold.split(",") if part.strip()),
         batch_size=args.batch_size,
         flush_interval=args.flush_interval,
         max_pending=args.max_pending,

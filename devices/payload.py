@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from datetime import datetime
+from math import isfinite
 from typing import Any, Literal, Protocol
 
 from devices.errors import PayloadError
@@ -37,32 +39,55 @@ IDENTITY_KEYS = frozenset({"device", "device_id"})
 MIN_TS = 946_684_800.0  # 2000-01-01
 MAX_FUTURE_SKEW = 366 * 86_400.0
 MAX_CACHED_NAMES = 4_096
+_ABSENT: Any = object()  # a key the object does not have (None is JSON's null)
+MAX_CACHED_IDS = 65_536  # <= ~13 MB of 128-character ids; a flood of new ids empties it, a fleet refills it
+
+
+# Payloads up to this size are parsed by json's C scanner alone, and `PayloadDecoder` checks each
+# number it keeps (finite, within int64): Python hooks for every number cost ~1.2 of ~3.6 us per
+# telemetry message. Larger payloads keep the hooks, which refuse a long integer before int() builds
+# it: int() is quadratic in the digits (a 4,299-digit integer, just under Python's conversion
+# limit, takes ~90 us), so a large payload of such integers would cost far more than the hooks.
+UNCHECKED_NUMBERS_MAX_BYTES = 2_048
+
+
+class _Refused(ValueError):
+    """A number a parse hook refuses (the hooks' rejections, told apart from int()'s digit limit)."""
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number tidegate accepts")
+    raise _Refused(f"{name} is not a number tidegate accepts")
 
 
 def _parse_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise ValueError(f"number {text[:40]} overflows a double")
+        raise _Refused(f"number {text[:40]} overflows a double")
     return value
 
 
 def _parse_int(text: str) -> int | float:
     if len(text) > 20:  # cheaper than letting int() build a 5000-digit number
-        raise ValueError(f"integer {text[:24]}... is outside int64")
+        raise _Refused(f"integer {text[:24]}... is outside int64")
     value = int(text)
     if not INT64_MIN <= value <= INT64_MAX:
-        raise ValueError(f"integer {text} is outside int64")
+        raise _Refused(f"integer {text} is outside int64")
     return value
 
 
 _decoder = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant)
+# NaN and Infinity are refused while parsing either way: no check after parsing can tell them from
+# an overflow, and they are rare enough that the hook costs nothing.
+_unchecked_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
-# A tuple, not `bool | int | float`: the union would be rebuilt for every field on the hot path.
-_NUMBER = (bool, int, float)
+
+def int64_reason(value: int) -> str:
+    """Say that an integer is outside int64, without printing all of a huge one."""
+    if value.bit_length() <= 128:
+        return f"integer {value} is outside int64"
+    # str() of a long integer is quadratic too, and its thousands of digits help nobody
+    return f"integer of {value.bit_length()} bits is outside int64"
+
 
 PayloadFormat = Literal["json", "senml"]
 CONTENT_TYPES: Mapping[str, PayloadFormat] = {
@@ -104,18 +129,44 @@ def load_json(device_id: str, payload: bytes, max_bytes: int) -> Any:
     """Check the device id and the payload size, then parse strict JSON (no NaN, inf or >int64)."""
     if not is_valid_device_id(device_id):
         raise PayloadError(f"device id {device_id[:80]!r} is not allowed", device_id=device_id)
-    if not payload:
+    return _parse(device_id, payload, max_bytes, check_numbers=True)
+
+
+def _parse(device_id: str, payload: bytes, max_bytes: int, *, check_numbers: bool) -> Any:
+    """Check the payload size and parse JSON; see `load_json`.
+
+    Without `check_numbers`, payloads up to `UNCHECKED_NUMBERS_MAX_BYTES` may hold infinity (from
+    `1e400`) and integers outside int64: the caller must refuse those among the values it keeps.
+    """
+    size = len(payload)
+    if not size:
         raise PayloadError("empty payload", device_id=device_id)
-    if len(payload) > max_bytes:
-        raise PayloadError(f"payload of {len(payload)} bytes exceeds {max_bytes}", device_id=device_id)
+    if size > max_bytes:
+        raise PayloadError(f"payload of {size} bytes exceeds {max_bytes}", device_id=device_id)
     try:
-        return _decoder.decode(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        if check_numbers or size > UNCHECKED_NUMBERS_MAX_BYTES:
+            return _decoder.decode(text)
+        try:
+            # raw_decode skips decode()'s whitespace scans; anything around the value (whitespace,
+            # extra data) falls through to decode(), which allows the one and refuses the other.
+            doc, end = _unchecked_decoder.raw_decode(text)
+            if end == len(text):
+                return doc
+        except json.JSONDecodeError:
+            pass
+        return _unchecked_decoder.decode(text)
     except UnicodeDecodeError:
         raise PayloadError("payload is not UTF-8", device_id=device_id) from None
     except RecursionError:
         raise PayloadError("payload is nested too deeply", device_id=device_id) from None
-    except ValueError as exc:  # JSONDecodeError is a ValueError, and so are our hooks' rejections
+    except (json.JSONDecodeError, _Refused) as exc:
         raise PayloadError(f"invalid JSON: {exc}", device_id=device_id) from None
+    except ValueError:  # int() refused a number longer than sys.get_int_max_str_digits()
+        raise PayloadError(
+            f"invalid JSON: an integer has more than {sys.get_int_max_str_digits()} digits (outside int64)",
+            device_id=device_id,
+        ) from None
 
 
 def _without_identity(device_id: str, doc: dict[str, Any], at: str) -> dict[str, Any]:
@@ -165,6 +216,7 @@ class PayloadDecoder:
         self.max_fields = max_fields
         self.max_string = max_string
         self._names: set[str] = set()  # field names already checked against FIELD_NAME_RE
+        self._ids: set[str] = set()  # device ids already checked against the allow-list
 
     def _allowed_name(self, key: str) -> bool:
         if FIELD_NAME_RE.match(key) is None:
@@ -177,7 +229,15 @@ class PayloadDecoder:
 
     def decode(self, device_id: str, payload: bytes, received_at: float) -> list[TelemetryEvent]:
         """Decode one MQTT payload into events, or raise `PayloadError` with the reason."""
-        doc = load_json(device_id, payload, self.max_bytes)
+        ids = self._ids
+        if device_id not in ids:
+            if not is_valid_device_id(device_id):
+                raise PayloadError(f"device id {device_id[:80]!r} is not allowed", device_id=device_id)
+            if len(ids) >= MAX_CACHED_IDS:  # bounded: ids seen long ago are checked again
+                ids.clear()
+            ids.add(device_id)
+        # Numbers are checked in `_event`, among the values kept (see UNCHECKED_NUMBERS_MAX_BYTES).
+        doc = _parse(device_id, payload, self.max_bytes, check_numbers=False)
         if isinstance(doc, dict):
             return [self._event(device_id, doc, received_at)]
         if isinstance(doc, list):
@@ -198,43 +258,65 @@ class PayloadDecoder:
             raise PayloadError(f"{at}batch items must be JSON objects", device_id=device_id)
         if "device" in doc or "device_id" in doc:  # two lookups per object keep the common case fast
             doc = _without_identity(device_id, doc, at)
-        names = self._names
+        # ts and seq come out of the parsed object, which then is the event's fields: no copy
         ts = received_at
+        raw_ts = doc.pop("ts", _ABSENT)
+        if raw_ts is not _ABSENT:
+            # epoch seconds as a float in the window (the usual case; never NaN, and the window
+            # excludes infinity), else everything else `_timestamp` accepts or refuses
+            if type(raw_ts) is float and MIN_TS <= raw_ts <= received_at + MAX_FUTURE_SKEW:
+                ts = raw_ts
+            else:
+                ts = self._timestamp(device_id, raw_ts, received_at, at)
+        raw_seq = doc.pop("seq", _ABSENT)
         seq: int | None = None
-        fields: dict[str, FieldValue] = {}
+        if raw_seq is not _ABSENT:
+            if type(raw_seq) is not int or raw_seq < 0:
+                raise PayloadError(
+                    f"{at}seq must be a non-negative integer, got {raw_seq!r}", device_id=device_id
+                )
+            if raw_seq > INT64_MAX:
+                raise PayloadError(f"{at}seq: {int64_reason(raw_seq)}", device_id=device_id)
+            seq = raw_seq
+        names = self._names
         for key, value in doc.items():
-            if key == "ts":
-                try:
-                    ts = parse_timestamp(value)
-                except PayloadError as exc:
-                    raise PayloadError(at + exc.reason, device_id=device_id) from None
-                if not MIN_TS <= ts <= received_at + MAX_FUTURE_SKEW:
-                    raise PayloadError(
-                        f"{at}ts {value!r} is outside the accepted time window", device_id=device_id
-                    )
-            elif key == "seq":
-                if type(value) is not int or value < 0:
-                    raise PayloadError(
-                        f"{at}seq must be a non-negative integer, got {value!r}", device_id=device_id
-                    )
-                seq = value
-            elif key not in names and not self._allowed_name(key):
+            if key not in names and not self._allowed_name(key):  # known names skip the regex
                 raise PayloadError(f"{at}field name {key[:80]!r} is not allowed", device_id=device_id)
-            elif isinstance(value, _NUMBER):
-                fields[key] = value
-            elif isinstance(value, str):
+            # json builds exactly these types (True is a bool, never an int): `is` tests suffice.
+            kind = type(value)
+            if kind is float:
+                if not isfinite(value):  # `1e400` parses to infinity (NaN is refused while parsing)
+                    raise PayloadError(f"{at}field {key!r}: number overflows a double", device_id=device_id)
+            elif kind is int:
+                if not INT64_MIN <= value <= INT64_MAX:
+                    raise PayloadError(f"{at}field {key!r}: {int64_reason(value)}", device_id=device_id)
+            elif kind is str:
                 if len(value) > self.max_string:
                     raise PayloadError(
                         f"{at}field {key!r}: string longer than {self.max_string}", device_id=device_id
                     )
-                fields[key] = value
-            else:
+            elif kind is not bool:
                 raise PayloadError(
-                    f"{at}field {key!r} must be a number, bool or string, got {type(value).__name__}",
+                    f"{at}field {key!r} must be a number, bool or string, got {kind.__name__}",
                     device_id=device_id,
                 )
+        fields: dict[str, FieldValue] = doc
         if not fields:
             raise PayloadError(f"{at}no metric fields", device_id=device_id)
         if len(fields) > self.max_fields:
             raise PayloadError(f"{at}{len(fields)} fields exceed {self.max_fields}", device_id=device_id)
         return TelemetryEvent(device_id=device_id, ts=ts, fields=fields, seq=seq)
+
+    @staticmethod
+    def _timestamp(device_id: str, value: object, received_at: float, at: str) -> float:
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:  # float() of a huge one overflows
+            raise PayloadError(f"{at}ts: {int64_reason(value)}", device_id=device_id)
+        if type(value) is float and not isfinite(value):
+            raise PayloadError(f"{at}ts: number overflows a double", device_id=device_id)
+        try:
+            ts = parse_timestamp(value)
+        except PayloadError as exc:
+            raise PayloadError(at + exc.reason, device_id=device_id) from None
+        if not MIN_TS <= ts <= received_at + MAX_FUTURE_SKEW:
+            raise PayloadError(f"{at}ts {value!r} is outside the accepted time window", device_id=device_id)
+        return ts

@@ -273,12 +273,10 @@ class Gateway:
     def _on_command_ack(self, message: Any) -> None:
         device_id = self._acks.device_id(message.topic)
         if device_id is not None:
-            # MQTT 5 acks may carry the command id as Correlation Data (request/response pattern)
-            correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+            # MQTT 5 acks may carry the command id as Correlation Data (request/response pattern);
+            # None without it, and always on MQTT 3.1.1 (the codec's NO_PROPERTIES)
             self.commands.handle_ack(
-                device_id,
-                message.payload,
-                correlation_data=correlation if isinstance(correlation, bytes) else None,
+                device_id, message.payload, correlation_data=message.properties.correlation_data
             )
         generation = self.mqtt.generation
         # ack after the outcome record is written, like telemetry
@@ -660,4 +658,5 @@ class Gateway:
             "checkpoint_failures": self.checkpointer.failures if self.checkpointer is not None else 0,
             "devices_quarantined": ingest.quarantined,
             "device_status_changes": ingest.status_changes,
+            "tasks": len(asyncio.all_tasks()) if asyncio.events._get_running_loop() else 0,  # 0 off the loop
         }

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
 
 from devices.command import Command, CommandAck
 from devices.errors import PayloadError
@@ -28,9 +30,20 @@ from devices.registry import DeviceRegistry
 from devices.topic import TopicScheme
 from gateway.commands import publish_properties
 from gateway.config import Settings
+from gateway.mqttcodec import Properties
 
 CONNECT_TIMEOUT = 10.0
 HTTP_SLACK = 10.0  # seconds the HTTP client waits beyond the outcome wait it asked the gateway for
+
+
+# The PUBLISH properties tidegate sets, by the names paho gives them.
+_PAHO_PUBLISH_NAMES = {
+    "payload_format_indicator": "PayloadFormatIndicator",
+    "message_expiry_interval": "MessageExpiryInterval",
+    "content_type": "ContentType",
+    "response_topic": "ResponseTopic",
+    "correlation_data": "CorrelationData",
+}
 
 
 class CommandClientError(Exception):
@@ -60,6 +73,18 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def paho_publish_properties(properties: Properties) -> PahoProperties:
+    """Copy the codec's PUBLISH properties into paho's, for the paho client of `--direct`."""
+    theirs = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for name, paho_name in _PAHO_PUBLISH_NAMES.items():
+        value = getattr(properties, name)
+        if value is not None:
+            setattr(theirs, paho_name, value)
+    if properties.user_property:
+        theirs.UserProperty = list(properties.user_property)
+    return theirs
 
 
 def send_through_gateway(
@@ -139,7 +164,7 @@ def send_direct(
     try:
         link.connect()
         properties = (
-            publish_properties(command.id, max(math.ceil(ttl), 1), ack_topic)
+            paho_publish_properties(publish_properties(command.id, max(math.ceil(ttl), 1), ack_topic))
             if mqtt.protocol == "5"
             else None
         )
@@ -253,6 +278,7 @@ class _OneShotClient:
         device_id = self._device_topic.device_id(message.topic)
         if device_id is None:
             return
+        # paho's message: paho's property names; an MQTT 3.1.1 message has no properties
         correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
         try:
             ack = CommandAck.decode(

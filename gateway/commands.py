@@ -20,9 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from devices.command import Command, CommandAck, CommandAllowList
 from devices.delivery import (
     FINAL_STATES,
@@ -36,6 +33,7 @@ from devices.delivery import (
 from devices.errors import PayloadError
 from devices.registry import DeviceRegistry
 from devices.topic import TopicScheme
+from gateway.mqttcodec import Properties
 from gateway.records import command_point
 from gateway.store.base import Point
 from rules import CommandSpec as RuleCommandSpec
@@ -94,12 +92,11 @@ class CommandStats:
 
 def publish_properties(command_id: str, expiry_interval: int | None, response_topic: str) -> Properties:
     """Build the MQTT 5 PUBLISH properties of a command."""
-    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if expiry_interval is not None:
-        properties.MessageExpiryInterval = expiry_interval
-    properties.CorrelationData = command_id.encode()
-    properties.ResponseTopic = response_topic
-    return properties
+    return Properties(
+        message_expiry_interval=expiry_interval,
+        correlation_data=command_id.encode(),
+        response_topic=response_topic,
+    )
 
 
 def _always() -> bool:

@@ -112,6 +112,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "spool_points": ("gauge", "Points held in the on-disk spool"),
     "spool_bytes": ("gauge", "Bytes held in the on-disk spool"),
     "pending_points": ("gauge", "Points waiting to be written"),
+    "tasks": ("gauge", "asyncio tasks in the gateway's event loop (flat when nothing leaks)"),
 }
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol, TypeVar
 
 from devices.dedupe import SeqGap, SeqTracker
 from devices.errors import PayloadError
@@ -30,7 +30,7 @@ from devices.payload import PayloadDecoder, PayloadFormat, TelemetryDecoder, con
 from devices.registry import DeviceRegistry, UnknownDevicePolicy
 from devices.senml import SenmlDecoder
 from devices.status import DeviceTracker, decode_status
-from devices.topic import TopicScheme
+from devices.topic import TopicScheme, is_valid_device_id
 from gateway.commands import CommandDispatcher
 from gateway.deadletter import DeadLetterFile
 from gateway.records import alert_point, device_status_point, quarantine_point, seq_gap_point, telemetry_point
@@ -40,13 +40,24 @@ from rules.action import Action, RecordAlert, SendCommand
 from rules.engine import RuleEngine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# Topic strings whose device id is known good (see `TelemetryIngest._device_of`); emptied when full,
+# so a flood of distinct topics costs the check again, never unbounded memory.
+TOPIC_CACHE_SIZE: Final = 100_000
 
 
 class Message(Protocol):
-    """The parts of an MQTT message ingest needs (paho's MQTTMessage has them)."""
+    """The parts of an MQTT message ingest needs (`gateway.mqttcodec.Publish` has them)."""
 
     @property
     def topic(self) -> str: ...
+
+    @property
+    def content_type(self) -> str | None:
+        """The MQTT 5 Content Type; None when absent (always on MQTT 3.1.1)."""
+        ...
 
     payload: bytes
     mid: int
@@ -74,6 +85,8 @@ class PointSink(Protocol):
     def is_full(self) -> bool: ...
 
     def add(self, points: list[Point], on_written: Callable[[], None] | None = None) -> None: ...
+
+    def add_grouped(self, points: list[Point], on_written: Callable[[list[T]], None], item: T) -> None: ...
 
     async def wait_until_not_full(self) -> None: ...
 
@@ -172,6 +185,10 @@ class TelemetryIngest:
         self._status_topics = status_topics
         self.tracker = DeviceTracker()
         self.quarantined: set[str] = set()  # unregistered devices whose telemetry was quarantined
+        # Topic -> its valid device id. The codec hands out one str object per topic, so the lookup
+        # hashes nothing; splitting and checking a topic cost ~1.5 us.
+        self._device_ids: dict[str, str] = {}
+        self._written_group = self._written  # one bound method: add_grouped groups by identity
 
     @property
     def seqs(self) -> SeqTracker:
@@ -179,19 +196,18 @@ class TelemetryIngest:
         return self._seqs
 
     def on_message(self, message: Message) -> None:
-        """Handle one telemetry message (called by paho on the event loop thread)."""
+        """Handle one telemetry message (called by the MQTT client on the event loop)."""
         stats = self.stats
         stats.received += 1
         now = self._clock()
         topic = message.topic
-        device_id = self._topics.device_id(topic)
+        device_id = self._device_ids.get(topic)
         events: list[TelemetryEvent] = []
         try:
             if device_id is None:
-                raise PayloadError(f"topic {topic[:120]!r} does not match {self._topics.template!r}")
+                device_id = self._device_of(topic)
             self.tracker.seen(device_id, now)
-            properties = getattr(message, "properties", None)  # None on MQTT 3.1.1 connections
-            content_type = getattr(properties, "ContentType", None)
+            content_type = message.content_type
             if content_type is not None:
                 decoder = self._by_format[content_type_format(content_type)]
             else:
@@ -210,7 +226,7 @@ class TelemetryIngest:
             for event in events:  # decoded, then refused: dead-lettered with a reason, not missing
                 if event.seq is not None:
                     self._track_seq(event.device_id, event.seq, event.ts)
-            self._reject(message, topic, device_id, exc.reason, now)
+            self._reject(message, topic, device_id or exc.device_id, exc.reason, now)
             return
         points: list[Point] = []
         keep_latest = self.latest_limit and (device_id in self.latest or len(self.latest) < self.latest_limit)
@@ -225,7 +241,20 @@ class TelemetryIngest:
             if actions:
                 self.execute(actions, points)
         stats.events += len(events)
-        self._hand_off(points, self._ack_after_write(message.mid, message.qos, len(events)))
+        self._hand_off(points, message, len(events))
+
+    def _device_of(self, topic: str) -> str:
+        """Return the device id of a topic not seen yet, or raise `PayloadError`; remember good ones."""
+        device_id = self._topics.device_id(topic)
+        if device_id is None:
+            raise PayloadError(f"topic {topic[:120]!r} does not match {self._topics.template!r}")
+        if not is_valid_device_id(device_id):  # before the tracker: a bad id is not a device
+            raise PayloadError(f"device id {device_id[:80]!r} is not allowed", device_id=device_id)
+        cache = self._device_ids
+        if len(cache) >= TOPIC_CACHE_SIZE:
+            cache.clear()
+        cache[topic] = device_id
+        return device_id
 
     def _track_seq(self, device_id: str, seq: int, ts: float) -> bool:
         """Record the seq; count and record a gap it reveals; return False for a redelivery."""
@@ -262,8 +291,12 @@ class TelemetryIngest:
         # Timed like the message that revealed it: a redelivery of that message rewrites the same point.
         self._sink.add([seq_gap_point(gap, ts)])
 
-    def _hand_off(self, points: list[Point], on_written: Callable[[], None]) -> None:
-        self._sink.add(points, on_written)
+    def _hand_off(self, points: list[Point], message: Message, events: int) -> None:
+        """Queue a message's points; it is counted and acked once they are handed off (`_written`)."""
+        self.stats.in_flight += 1
+        self._sink.add_grouped(
+            points, self._written_group, (message.mid, message.qos, self._mqtt.generation, events)
+        )
         if self._sink.is_full:
             self._pause()
 
@@ -276,9 +309,7 @@ class TelemetryIngest:
             log.warning(
                 "quarantining telemetry of unregistered device %s", device_id, extra={"device_id": device_id}
             )
-        self._hand_off(
-            [quarantine_point(event) for event in events], self._ack_after_write(message.mid, message.qos, 0)
-        )
+        self._hand_off([quarantine_point(event) for event in events], message, 0)
 
     def on_status(self, message: Message) -> None:
         """Handle one device status message (birth, last will or clean offline)."""
@@ -320,25 +351,26 @@ class TelemetryIngest:
             else:
                 raise TypeError(f"no runner for rule action {type(action).__name__}")
 
-    def _ack_after_write(self, mid: int, qos: int, events: int) -> Callable[[], None]:
-        generation = self._mqtt.generation
+    def _written(self, messages: list[tuple[int, int, int, int]]) -> None:
+        """Count and ack messages (mid, qos, generation, events) whose points were all handed off alike."""
         stats = self.stats
-        stats.in_flight += 1
-
-        def written() -> None:
-            stats.in_flight -= 1
-            stats.written += 1
-            stats.events_written += events
-            outcome = self._hand_off_of() if self._hand_off_of is not None else HandOff.STORED
-            if outcome is HandOff.STORED:
-                stats.messages_stored += 1
-            elif outcome is HandOff.SPOOLED:
-                stats.messages_spooled += 1
-            else:
-                stats.messages_dead_lettered += 1
-            self._mqtt.ack(mid, qos, generation)
-
-        return written
+        count = len(messages)
+        stats.in_flight -= count
+        stats.written += count
+        # add_grouped: one outcome for the whole list
+        outcome = self._hand_off_of() if self._hand_off_of is not None else HandOff.STORED
+        if outcome is HandOff.STORED:
+            stats.messages_stored += count
+        elif outcome is HandOff.SPOOLED:
+            stats.messages_spooled += count
+        else:
+            stats.messages_dead_lettered += count
+        ack = self._mqtt.ack
+        events = 0
+        for mid, qos, generation, message_events in messages:
+            events += message_events
+            ack(mid, qos, generation)
+        stats.events_written += events
 
     def _reject(self, message: Message, topic: str, device_id: str | None, reason: str, now: float) -> None:
         self.stats.rejected += 1

@@ -48,7 +48,6 @@ from gateway.mqttcodec import (
     PubAck,
     Publish,
     SubAck,
-    coerce_properties,
     connack_refused,
     encode_connect,
     encode_disconnect,
@@ -408,16 +407,16 @@ class MqttClient:
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        properties: Properties | object | None = None,
+        properties: Properties | None = None,
     ) -> None:
         """Send now, or (QoS 1) queue until connected and the in-flight window has room.
 
         Args:
             properties: MQTT 5 PUBLISH properties, e.g. `Properties(message_expiry_interval=60,
-                correlation_data=b"...", response_topic="...", content_type="application/json")`,
-                or a paho `Properties` (read by its attribute names). Ignored on an MQTT 3.1.1
-                connection. A queued message keeps its Message Expiry Interval as given: the time
-                it waited here is not taken off.
+                correlation_data=b"...", response_topic="...", content_type="application/json")`
+                (`gateway.mqttcodec.Properties`). Ignored on an MQTT 3.1.1 connection. A queued
+                message keeps its Message Expiry Interval as given: the time it waited here is not
+                taken off.
 
         Raises:
             MqttPublishError: the outgoing queue is full, the topic or properties are invalid, the
@@ -434,7 +433,7 @@ class MqttClient:
                 mqtt5=self.mqtt5,
                 qos=qos,
                 retain=retain,
-                properties=coerce_properties(properties) if properties is not None and self.mqtt5 else None,
+                properties=properties if self.mqtt5 else None,
             )
         except EncodeError as exc:
             raise MqttPublishError(f"cannot publish to {topic!r}: {exc}") from exc

@@ -20,8 +20,6 @@ refused, because this client never asks for it.
 
 from __future__ import annotations
 
-import dataclasses
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -233,32 +231,6 @@ class Properties:
 NO_PROPERTIES: Final = Properties()
 
 
-def _camel(name: str) -> str:
-    return "".join("QoS" if part == "qos" else part.capitalize() for part in name.split("_"))
-
-
-# paho-mqtt spells property names in CamelCase (`ContentType`, `CorrelationData`, `MaximumQoS`), and
-# code written against paho's messages reads them with getattr: offer those names too, read-only.
-PAHO_NAMES: Final = {_camel(field.name): field.name for field in dataclasses.fields(Properties)}
-for _paho_name, _field_name in PAHO_NAMES.items():
-    setattr(Properties, _paho_name, property(operator.attrgetter(_field_name)))
-
-
-def coerce_properties(properties: object) -> Properties:
-    """Return `properties` as `Properties`; another object (paho's) is read by paho's attribute names."""
-    if isinstance(properties, Properties):
-        return properties
-    values: dict[str, object] = {}
-    for paho_name, name in PAHO_NAMES.items():
-        value = getattr(properties, paho_name, None)
-        if value is not None:
-            values[name] = tuple(value) if isinstance(value, list) else value
-    try:
-        return Properties(**values)  # type: ignore[arg-type]  # names from the dataclass itself
-    except TypeError as exc:
-        raise EncodeError(f"cannot read MQTT properties from {properties!r}: {exc}") from exc
-
-
 def _utf8(data: bytes, what: str) -> str:
     try:
         text = data.decode("utf-8")
@@ -386,6 +358,8 @@ def encode_properties(properties: Properties | None, allowed: frozenset[int] | N
     """
     if properties is None or properties == NO_PROPERTIES:
         return b"\x00"
+    if not isinstance(properties, Properties):  # e.g. paho's, whose attribute names differ
+        raise EncodeError(f"properties must be gateway.mqttcodec.Properties, got {type(properties).__name__}")
     out = bytearray()
     for identifier, (name, kind) in _PROPERTY_TYPES.items():
         value = getattr(properties, name)

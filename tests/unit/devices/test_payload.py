@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from hypothesis import given
@@ -52,7 +53,21 @@ def test_array_of_objects() -> None:
         (b'{"t": -Infinity}', "-Infinity is not a number"),
         (b'{"t": 1e400}', "overflows a double"),
         (b'{"t": 9223372036854775808}', "outside int64"),
-        (b'{"t": ' + b"9" * 4000 + b"}", "outside int64"),
+        (b'{"t": ' + b"9" * 4000 + b"}", "outside int64"),  # beyond UNCHECKED_NUMBERS_MAX_BYTES
+        (b'{"t": ' + b"9" * 2000 + b"}", "field 't': integer of 6644 bits is outside int64"),
+        (b'{"t": -9223372036854775809}', "field 't': integer -9223372036854775809 is outside int64"),
+        (b'{"t": -1e400}', "field 't': number overflows a double"),
+        (b'{"t": 1e400}' + b" " * 3000, "invalid JSON: number 1e400 overflows a double"),  # hooks
+        (b'[{"t": 1}, {"t": 1e400}]', "[1] field 't': number overflows a double"),
+        (b'{"t": 1, "u": [1e400]}', "field 'u' must be a number, bool or string, got list"),
+        (b'{"ts": 1e400, "t": 1}', "ts: number overflows a double"),
+        (b'{"ts": ' + b"9" * 1000 + b', "t": 1}', "ts: integer of 3322 bits is outside int64"),
+        (b'{"seq": 9223372036854775808, "t": 1}', "seq: integer 9223372036854775808 is outside int64"),
+        (b'{"seq": true, "t": 1}', "seq must be a non-negative integer, got True"),
+        (b'{"seq": null, "t": 1}', "seq must be a non-negative integer, got None"),
+        (b'{"ts": null, "t": 1}', "ts must be epoch seconds or RFC 3339 text, got NoneType"),
+        (b'{"t": 1} x', "invalid JSON: Extra data"),
+        (b" ", "invalid JSON: Expecting value"),
         (b'{"t": {"nested": 1}}', "must be a number, bool or string, got dict"),
         (b'{"t": [1]}', "got list"),
         (b'{"t": null}', "got NoneType"),
@@ -83,6 +98,40 @@ def test_rejections_name_the_reason(payload: bytes, reason: str) -> None:
 def test_device_id_allow_list(device_id: str) -> None:
     with pytest.raises(PayloadError, match="device id"):
         decoder.decode(device_id, b'{"t": 1}', NOW)
+
+
+@pytest.mark.parametrize("digits", [5_000, 40_000])
+def test_huge_integers_are_refused_before_int_builds_them(digits: int) -> None:
+    # RELIABILITY I3: above UNCHECKED_NUMBERS_MAX_BYTES the parse hook refuses the text itself
+    with pytest.raises(PayloadError) as info:
+        PayloadDecoder().decode("d1", b'{"t": ' + b"9" * digits + b"}", NOW)
+    assert info.value.reason == "invalid JSON: integer 999999999999999999999999... is outside int64"
+
+
+def test_pythons_integer_digit_limit_is_a_clean_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were the unchecked parse used for a 5000-digit integer, int() would refuse it (sys.int_info)
+    monkeypatch.setattr(payload_module, "UNCHECKED_NUMBERS_MAX_BYTES", 100_000)
+    with pytest.raises(PayloadError) as info:
+        PayloadDecoder().decode("d1", b'{"t": ' + b"9" * 5000 + b"}", NOW)
+    assert info.value.reason == (
+        f"invalid JSON: an integer has more than {sys.get_int_max_str_digits()} digits (outside int64)"
+    )
+
+
+@pytest.mark.parametrize("payload", [b' {"t": 1}', b'{"t": 1}\n', b'\t[{"t": 1}] '])
+def test_whitespace_around_the_document_is_allowed(payload: bytes) -> None:
+    assert [dict(e.fields) for e in decoder.decode("d1", payload, NOW)] == [{"t": 1}]
+
+
+def test_valid_device_ids_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(payload_module, "MAX_CACHED_IDS", 2)
+    fresh = PayloadDecoder()
+    for device_id in ("a", "b", "c"):
+        fresh.decode(device_id, b'{"t": 1}', NOW)
+    assert fresh._ids == {"c"}  # emptied when full
+    with pytest.raises(PayloadError, match="device id 'a b' is not allowed"):
+        fresh.decode("a b", b'{"t": 1}', NOW)
+    assert fresh._ids == {"c"}
 
 
 def test_int64_bounds_are_accepted() -> None:

@@ -7,13 +7,13 @@ import json
 from typing import Any
 
 import pytest
-from paho.mqtt.properties import Properties
 
 from devices.command import Command, CommandAck
 from devices.delivery import DeliveryPolicy
 from devices.registry import parse_registry
 from devices.topic import TopicScheme
 from gateway.commands import CommandDispatcher, check_rule_commands
+from gateway.mqttcodec import Properties
 from gateway.store.base import Point
 from rules import build_rule_set
 
@@ -94,11 +94,6 @@ def state(dispatcher: CommandDispatcher, command_id: str) -> str:
     tracked = dispatcher.get(command_id)
     assert tracked is not None
     return tracked.state
-
-
-def prop(properties: Properties, name: str) -> Any:
-    """Read an MQTT 5 property: paho's Properties sets them as dynamic attributes."""
-    return getattr(properties, name)
 
 
 def statuses(records: list[Point]) -> list[str]:
@@ -223,9 +218,12 @@ def test_mqtt5_publishes_carry_expiry_correlation_data_and_response_topic() -> N
     dispatcher.advance()  # a retry: the expiry left shrinks
     first, retry = (properties for _, _, properties in channel.sent)
     assert first is not None and retry is not None
-    assert prop(first, "MessageExpiryInterval") == 90 and prop(retry, "MessageExpiryInterval") == 60
-    assert prop(first, "CorrelationData") == tracked.command.id.encode()
-    assert prop(first, "ResponseTopic") == "devices/gh-1/commands/ack"
+    assert first == Properties(
+        message_expiry_interval=90,
+        correlation_data=tracked.command.id.encode(),
+        response_topic="devices/gh-1/commands/ack",
+    )
+    assert retry.message_expiry_interval == 60
     # an MQTT 5 device may answer with the correlation data in place of an id
     dispatcher.handle_ack("gh-1", b'{"status": "ok"}', correlation_data=tracked.command.id.encode())
     assert tracked.state == "ok"

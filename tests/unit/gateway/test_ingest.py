@@ -6,11 +6,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+import gateway.ingest as ingest_module
 from devices.command import Command
 from devices.errors import SourceFileError
 from devices.payload import PayloadDecoder
@@ -20,6 +20,8 @@ from gateway.commands import CommandDispatcher
 from gateway.ingest import TelemetryIngest
 from gateway.store.base import Point
 from rules import RuleEngine, build_rule_set
+
+T = TypeVar("T")
 
 RULES = """
 rules:
@@ -36,6 +38,7 @@ class Msg:
     payload: bytes
     mid: int
     qos: int = 1
+    content_type: str | None = None  # MQTT 5 Content Type (gateway.mqttcodec.Publish.content_type)
 
 
 class FakeMqtt:
@@ -73,6 +76,9 @@ class FakeSink:
 
     def add(self, points: list[Point], on_written: Callable[[], None] | None = None) -> None:
         self.pending.append((points, on_written))
+
+    def add_grouped(self, points: list[Point], on_written: Callable[[list[T]], None], item: T) -> None:
+        self.pending.append((points, lambda: on_written([item])))
 
     async def wait_until_not_full(self) -> None:
         return None
@@ -156,6 +162,26 @@ def test_topic_outside_the_scheme_is_rejected() -> None:
     ingest.on_message(Msg("devices/gh-1/extra/telemetry", b'{"t": 1}', 1))
     assert ingest.stats.rejected == 1
     assert "does not match" in json.loads(mqtt.published[0][1])["reason"]
+
+
+def test_a_bad_device_id_is_rejected_before_it_counts_as_a_device() -> None:
+    ingest, mqtt, _ = make()
+    ingest.on_message(Msg("devices/-lead/telemetry", b'{"t": 1}', 1))
+    record = json.loads(mqtt.published[0][1])
+    assert (record["device_id"], record["reason"]) == ("-lead", "device id '-lead' is not allowed")
+    assert ingest.tracker.view("-lead", 0.0).last_seen is None
+    assert ingest._device_ids == {}  # bad topics are not remembered: each is checked again
+
+
+def test_device_ids_are_remembered_per_topic_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_module, "TOPIC_CACHE_SIZE", 2)
+    ingest, _, sink = make()
+    for mid, device in enumerate(["gh-1", "gh-2", "gh-3", "gh-3"], 1):
+        ingest.on_message(telemetry(mid, device, t=1))
+    assert ingest._device_ids == {"devices/gh-3/telemetry": "gh-3"}  # emptied when full
+    sink.flush()
+    assert [dict(p.tags)["device"] for p in sink.points] == ["gh-1", "gh-2", "gh-3", "gh-3"]
+    assert ingest.stats.written == 4
 
 
 def test_full_sink_pauses_reading() -> None:
@@ -348,18 +374,9 @@ SENML = json.dumps(
 ).encode()
 
 
-@dataclass
-class Msg5(Msg):
-    """A message as paho hands it over on an MQTT 5 connection (3.1.1 has `properties = None`)."""
-
-    properties: Properties | None = None
-
-
-def with_content_type(topic: str, payload: bytes, mid: int, content_type: str | None) -> Msg5:
-    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if content_type is not None:
-        properties.ContentType = content_type
-    return Msg5(topic, payload, mid, properties=properties)
+def with_content_type(topic: str, payload: bytes, mid: int, content_type: str | None) -> Msg:
+    """A message from an MQTT 5 connection, with or without a Content Type."""
+    return Msg(topic, payload, mid, content_type=content_type)
 
 
 def make_formats() -> tuple[TelemetryIngest, FakeMqtt, FakeSink]:

@@ -38,6 +38,7 @@ class Msg:
     payload: bytes
     mid: int
     qos: int = 1
+    content_type: str | None = None
 
 
 class FakeMqtt:
@@ -184,6 +185,7 @@ def test_messages_are_accounted_for_at_every_moment(script: list[tuple[str] | tu
         assert stats.rejected == expected["rejected"]
         assert stats.written == expected["handed"]
         assert len(mqtt.acks) == len([s for s in script if s[0] not in ("down", "up", "settle")])
+        assert mqtt.acks == sorted(mqtt.acks)  # PUBACKs leave in the order the messages came
         # a poisoned message counts as dead-lettered unless it went to the spool first: refusals
         # found while draining the spool come after its ack (points_rejected, the dead-letter file)
         poisoned = sum(1 for s in script if s[0] == "poison")

@@ -48,7 +48,6 @@ from gateway.mqttcodec import (
     SubscribeOptions,
     _read_varint,
     _varint,
-    coerce_properties,
     decode_properties,
     encode_connect,
     encode_disconnect,
@@ -236,10 +235,10 @@ def test_publish_mqtt5_matches_the_emqx_capture() -> None:
 
 
 PUBLISH_CASES = [
-    # (topic, payload, qos, retain, dup, packet id, paho property values)
+    # (topic, payload, qos, retain, dup, packet id, property values by our names)
     ("devices/d-1/telemetry", b'{"t": 21.5}', 1, False, False, 1, {}),
-    ("devices/d-1/commands", b"x" * 300, 1, True, True, 65_535, {"MessageExpiryInterval": 30}),
-    ("a", b"", 0, True, False, 0, {"ContentType": "application/json"}),
+    ("devices/d-1/commands", b"x" * 300, 1, True, True, 65_535, {"message_expiry_interval": 30}),
+    ("a", b"", 0, True, False, 0, {"content_type": "application/json"}),
     (
         "devices/ü/commands",
         b"\x00\xff",
@@ -248,20 +247,29 @@ PUBLISH_CASES = [
         False,
         4242,
         {
-            "PayloadFormatIndicator": 1,
-            "MessageExpiryInterval": 3600,
-            "ContentType": "application/json",
-            "ResponseTopic": "devices/ü/commands/ack",
-            "CorrelationData": b"6f1c0d8e9b2a4f7e",
-            "UserProperty": [("source", "tidegate"), ("source", "rule")],
+            "payload_format_indicator": 1,
+            "message_expiry_interval": 3600,
+            "content_type": "application/json",
+            "response_topic": "devices/ü/commands/ack",
+            "correlation_data": b"6f1c0d8e9b2a4f7e",
+            "user_property": (("source", "tidegate"), ("source", "rule")),
         },
     ),
     ("big", b"y" * 20_000, 1, False, False, 7, {}),
 ]
+# The same PUBLISH properties by the names paho gives them, for building paho's side of a comparison.
+PAHO_NAMES = {
+    "payload_format_indicator": "PayloadFormatIndicator",
+    "message_expiry_interval": "MessageExpiryInterval",
+    "content_type": "ContentType",
+    "response_topic": "ResponseTopic",
+    "correlation_data": "CorrelationData",
+    "user_property": "UserProperty",
+}
 
 
-def ours_from_paho_names(values: dict[str, Any]) -> Properties | None:
-    return coerce_properties(paho_properties(PacketTypes.PUBLISH, **values)) if values else None
+def paho_publish_properties(values: dict[str, Any]) -> PahoProperties:
+    return paho_properties(PacketTypes.PUBLISH, **{PAHO_NAMES[name]: value for name, value in values.items()})
 
 
 @pytest.mark.parametrize("mqtt5", [True, False])
@@ -279,7 +287,7 @@ def test_publish_is_byte_identical_to_paho_and_decodes_both_ways(
     if not mqtt5:
         props = {}
     wire = PahoWire(mqtt5=mqtt5)
-    paho_props = paho_properties(PacketTypes.PUBLISH, **props) if props else None
+    paho_props = paho_publish_properties(props) if props else None
     wire._send_publish(packet_id, topic.encode(), payload, qos, retain, dup, None, paho_props)
     ours = encode_publish(
         topic,
@@ -289,7 +297,7 @@ def test_publish_is_byte_identical_to_paho_and_decodes_both_ways(
         retain=retain,
         dup=dup,
         packet_id=packet_id,
-        properties=ours_from_paho_names(props),
+        properties=Properties(**props) if props else None,
     )
     assert ours == wire.sent[0]
     # ours decoded by paho
@@ -314,10 +322,8 @@ def test_publish_is_byte_identical_to_paho_and_decodes_both_ways(
         dup,
         packet_id,
     )
-    assert decoded.content_type == props.get("ContentType")
-    for paho_name, value in props.items():
-        expected = tuple(value) if isinstance(value, list) else value
-        assert getattr(decoded.properties, paho_name) == expected  # read the way paho users read
+    assert decoded.content_type == props.get("content_type")
+    assert decoded.properties == Properties(**props)
 
 
 def test_publish_properties_are_parsed_once_per_distinct_block() -> None:
@@ -335,7 +341,8 @@ def test_publish_properties_are_parsed_once_per_distinct_block() -> None:
     assert isinstance(plain, Publish)
     assert plain.properties is NO_PROPERTIES
     assert plain.content_type is None
-    assert plain.properties.ContentType is None  # type: ignore[attr-defined]  # paho's spelling
+    assert plain.properties.content_type is None
+    assert not hasattr(plain.properties, "ContentType")  # paho's spelling is paho's only
 
 
 def test_publish_template_leaves_room_for_the_packet_id() -> None:
@@ -705,26 +712,14 @@ def test_properties_round_trip_and_match_paho(properties: Properties) -> None:
     assert decode_properties(encoded[start:]) == properties
     theirs = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     theirs.unpack(encoded)  # type: ignore[no-untyped-call]
-    for paho_name in ("MessageExpiryInterval", "ContentType", "CorrelationData"):
-        assert getattr(theirs, paho_name, None) == getattr(properties, paho_name)
+    for name in ("message_expiry_interval", "content_type", "correlation_data"):
+        assert getattr(theirs, PAHO_NAMES[name], None) == getattr(properties, name)
 
 
-def test_coerce_properties_reads_paho_properties() -> None:
-    theirs = paho_properties(
-        PacketTypes.PUBLISH,
-        MessageExpiryInterval=60,
-        CorrelationData=b"id-1",
-        ResponseTopic="devices/d/commands/ack",
-        UserProperty=[("a", "b")],
-    )
-    assert coerce_properties(theirs) == Properties(
-        message_expiry_interval=60,
-        correlation_data=b"id-1",
-        response_topic="devices/d/commands/ack",
-        user_property=(("a", "b"),),
-    )
-    ours = Properties(content_type="x")
-    assert coerce_properties(ours) is ours
+def test_properties_of_another_library_are_refused() -> None:
+    theirs = paho_publish_properties({"correlation_data": b"id-1"})
+    with pytest.raises(EncodeError, match=r"must be gateway\.mqttcodec\.Properties, got Properties"):
+        encode_publish("t", b"p", mqtt5=True, properties=theirs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

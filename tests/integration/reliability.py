@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -91,11 +94,16 @@ class PacedPublisher:
     """A paho QoS 1 publisher that sends `rate` messages a second over `devices`, payloads from `make`.
 
     Like test_mqtt_faults.Publisher (it reconnects by itself and resends what was not acknowledged),
-    but with the payload chosen by the test and a steady rate. `sent` holds each device's seqs.
+    but with the payload chosen by the test and a steady rate. `sent` holds each device's seqs;
+    with `keep_seqs=False` it stays empty (a soak publishes millions) and `last_seqs()` tells what was
+    sent: every device's seqs run from 1 to its last, with none skipped.
     """
 
-    def __init__(self, host: str, port: int, make: Callable[[str, int], bytes]) -> None:
+    def __init__(
+        self, host: str, port: int, make: Callable[[str, int], bytes], *, keep_seqs: bool = True
+    ) -> None:
         self._make = make
+        self._keep_seqs = keep_seqs
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"pace-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv311
         )
@@ -132,7 +140,8 @@ class PacedPublisher:
                 if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                     raise RuntimeError(f"publish failed: {paho.error_string(info.rc)}")
                 self._published += 1
-                self.sent[device].add(seq)
+                if self._keep_seqs:
+                    self.sent[device].add(seq)
             # keep to the schedule rather than sleep a fixed tick: publishing itself takes time
             ahead = start + n / rate - time.monotonic()
             if ahead > 0:
@@ -140,6 +149,10 @@ class PacedPublisher:
 
     def unacked(self) -> int:
         return self._published - self._acked
+
+    def last_seqs(self) -> dict[str, int]:
+        """Return each device's last seq published (its first was 1)."""
+        return dict(self._next)
 
     @property
     def published(self) -> int:
@@ -152,9 +165,9 @@ class PacedPublisher:
 
 @contextlib.asynccontextmanager
 async def paced_publisher(
-    host: str, port: int, make: Callable[[str, int], bytes]
+    host: str, port: int, make: Callable[[str, int], bytes], *, keep_seqs: bool = True
 ) -> AsyncIterator[PacedPublisher]:
-    pub = await asyncio.to_thread(PacedPublisher, host, port, make)
+    pub = await asyncio.to_thread(functools.partial(PacedPublisher, host, port, make, keep_seqs=keep_seqs))
     try:
         yield pub
     finally:
@@ -173,3 +186,27 @@ def send(host: str, port: int, messages: Iterable[tuple[str, bytes]]) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """What a process holds, from /proc: resident memory, open file descriptors, threads."""
+
+    rss_kib: int
+    fds: int
+    threads: int
+
+
+def process_usage(pid: int) -> ProcessUsage | None:
+    """Read a process's RSS, fd count and thread count from /proc; None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if "VmRSS" not in fields:  # a zombie, not yet reaped
+        return None
+    return ProcessUsage(
+        rss_kib=int(fields["VmRSS"].split()[0]), fds=fds, threads=int(fields["Threads"].split()[0])
+    )

@@ -89,6 +89,14 @@ def load_rules(settings: Settings) -> RuleSet:
     return read_rule_dir(settings.rules.dir)
 
 
+def _task_count() -> int:
+    """asyncio tasks alive in the running loop; 0 when read after the loop ended (CLI summaries)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running event loop
+        return 0
+
+
 class Gateway:
     """The running gateway: MQTT in, rules, batched store writes, commands out.
 
@@ -658,5 +666,5 @@ class Gateway:
             "checkpoint_failures": self.checkpointer.failures if self.checkpointer is not None else 0,
             "devices_quarantined": ingest.quarantined,
             "device_status_changes": ingest.status_changes,
-            "tasks": len(asyncio.all_tasks()) if asyncio.events._get_running_loop() else 0,  # 0 off the loop
+            "tasks": _task_count(),
         }

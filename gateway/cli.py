@@ -208,29 +208,46 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    ok, alarms = _get_from_gateway(args, "/alarms")
-    if not ok:
-        return 1
-    if args.json:
-        print(json.dumps(alarms))
-        return 0
-    if not alarms:
-        print("no active alarms")
-        return 0
-    header = ("RULE", "DEVICE", "SEVERITY", "SINCE", "ACK", "VALUES")
-    rows = [
-        (
+    return _show_listing(
+        args,
+        "/alarms",
+        empty="no active alarms",
+        header=("RULE", "DEVICE", "SEVERITY", "SINCE", "ACK", "VALUES"),
+        row=lambda alarm: (
             alarm["rule"],
             alarm["device"],
             alarm["severity"],
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alarm["since"])),
             "yes" if alarm["acknowledged"] else "no",
             ", ".join(f"{name}={_cell(value)}" for name, value in alarm["values"].items()),
-        )
-        for alarm in alarms
-    ]
-    _print_table(header, rows)
-    print(f"{len(alarms)} active alarm(s), {sum(bool(a['acknowledged']) for a in alarms)} acknowledged")
+        ),
+        footer=lambda alarms: (
+            f"{len(alarms)} active alarm(s), {sum(bool(a['acknowledged']) for a in alarms)} acknowledged"
+        ),
+    )
+
+
+def _show_listing(
+    args: argparse.Namespace,
+    route: str,
+    *,
+    empty: str,
+    header: Sequence[str],
+    row: Callable[[Any], Sequence[str]],
+    footer: Callable[[list[Any]], str],
+) -> int:
+    """Fetch a list from the running gateway; print it as JSON (`--json`) or as a table and a summary line."""
+    ok, items = _get_from_gateway(args, route)
+    if not ok:
+        return 1
+    if args.json:
+        print(json.dumps(items))
+        return 0
+    if not items:
+        print(empty)
+        return 0
+    _print_table(header, [row(item) for item in items])
+    print(footer(items))
     return 0
 
 
@@ -253,32 +270,24 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    ok, devices = _get_from_gateway(args, "/devices")
-    if not ok:
-        return 1
-    if args.json:
-        print(json.dumps(devices))
-        return 0
-    if not devices:
-        print("no devices registered or heard from")
-        return 0
     now = time.time()
-    header = ("DEVICE", "TYPE", "STATUS", "LAST SEEN", "MSG/S", "ALARMS")
-    rows = [
-        (
+    return _show_listing(
+        args,
+        "/devices",
+        empty="no devices registered or heard from",
+        header=("DEVICE", "TYPE", "STATUS", "LAST SEEN", "MSG/S", "ALARMS"),
+        row=lambda device: (
             device["device"],
             device["type"] or ("(quarantined)" if device["quarantined"] else "(unregistered)"),
             device["status"],
             _ago(device["last_seen"], now),
             f"{device['rate']:.2f}",
             str(device["alarms"]),
-        )
-        for device in devices
-    ]
-    _print_table(header, rows)
-    online = sum(device["status"] == "online" for device in devices)
-    print(f"{len(devices)} device(s), {online} online")
-    return 0
+        ),
+        footer=lambda devices: (
+            f"{len(devices)} device(s), {sum(d['status'] == 'online' for d in devices)} online"
+        ),
+    )
 
 
 def cmd_alerts_ack(args: argparse.Namespace) -> int:
@@ -544,19 +553,13 @@ def _report_command(view: dict[str, Any], *, waited: bool, timeout: float, as_js
 
 
 def cmd_command_list(args: argparse.Namespace) -> int:
-    ok, commands = _get_from_gateway(args, "/commands")
-    if not ok:
-        return 1
-    if args.json:
-        print(json.dumps(commands))
-        return 0
-    if not commands:
-        print("no pending or recent commands")
-        return 0
     now = time.time()
-    header = ("ID", "DEVICE", "NAME", "STATUS", "TRIES", "CREATED", "DETAIL")
-    rows = [
-        (
+    return _show_listing(
+        args,
+        "/commands",
+        empty="no pending or recent commands",
+        header=("ID", "DEVICE", "NAME", "STATUS", "TRIES", "CREATED", "DETAIL"),
+        row=lambda c: (
             str(c["id"])[:12],
             str(c["device"]),
             str(c["name"]),
@@ -564,13 +567,11 @@ def cmd_command_list(args: argparse.Namespace) -> int:
             str(c["attempts"]),
             _ago(c["created"], now),
             str(c["detail"] or "")[:80],
-        )
-        for c in commands
-    ]
-    _print_table(header, rows)
-    pending = sum(c["status"] in ("queued", "sent") for c in commands)
-    print(f"{len(commands)} command(s), {pending} pending")
-    return 0
+        ),
+        footer=lambda commands: (
+            f"{len(commands)} command(s), {sum(c['status'] in ('queued', 'sent') for c in commands)} pending"
+        ),
+    )
 
 
 # -- parser -------------------------------------------------------------------------------------------

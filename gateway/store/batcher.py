@@ -185,19 +185,8 @@ class BatchWriter:
         added in a row with the same `on_written` object (`is`, so keep one bound method), go in one
         list, in the order added. Lists and `add` callbacks are called in the order they were added.
         """
-        # `_queue` inlined: this runs once per telemetry message
-        if self._closing:
-            raise RuntimeError("BatchWriter is closed")
+        self._queue(points)
         count = len(points)
-        if count:
-            pending = self._pending
-            if not pending:
-                self._first_pending_at = self._clock()
-                self._wakeup.set()  # the loop may be idle: start the flush interval
-            pending.extend(points)
-            self._added += count
-            if len(pending) >= self._batch_size:
-                self._wakeup.set()
         if self._added == self._done and not self._callbacks:
             self.current_hand_off = HandOff.STORED
             on_written([item])
